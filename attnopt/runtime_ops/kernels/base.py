@@ -1,0 +1,86 @@
+"""What every attention kernel provides, and helpers they share.
+
+Kernels see q, k, v as [B, H, S, D] views of the caller's tensors (no copies) and return the
+output as a [B, Hq, Sq, Dv] tensor in whatever memory order they produce; the op then makes it
+contiguous in the requested output layout (free when the kernel already wrote that order).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..spec import AttnSpec
+
+Grads = tuple[Tensor, Tensor, Tensor]
+
+
+class Kernel:
+    """One attention implementation. Subclasses say what they support and run it."""
+
+    name: str = ""
+    varlen_native: bool = False
+
+    def available(self, device: torch.device) -> Optional[str]:
+        """None when usable on this device and install, else the reason it is not."""
+        return None
+
+    def unsupported(self, spec: AttnSpec) -> Optional[str]:
+        """None when this kernel computes ``spec`` exactly, else the reason it cannot."""
+        return None
+
+    def forward(self, spec: AttnSpec, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (out [B,Hq,Sq,Dv], lse [B,Hq,Sq] float32, rng_state)."""
+        raise NotImplementedError(self.name)
+
+    def backward(
+        self, spec: AttnSpec, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+        lse: Tensor, rng_state: Tensor, mask: Optional[Tensor],
+    ) -> Grads:
+        raise NotImplementedError(self.name)
+
+
+def empty_rng(device: torch.device) -> Tensor:
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def band_mask(spec: AttnSpec, sq: int, sk: int, device: torch.device) -> Optional[Tensor]:
+    """Bool [Sq, Sk] mask of the causal / sliding-window band, or None when unbounded."""
+    if not spec.has_band:
+        return None
+    offset = sk - sq if spec.causal_align == "bottom_right" else 0
+    i = torch.arange(sq, device=device).unsqueeze(1) + offset
+    j = torch.arange(sk, device=device).unsqueeze(0)
+    left, right = spec.window
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def full_mask(spec: AttnSpec, mask: Optional[Tensor], sq: int, sk: int, device: torch.device) -> Optional[Tensor]:
+    """The explicit mask and the band combined: bool, or additive float where the mask is."""
+    band = band_mask(spec, sq, sk, device)
+    if band is None:
+        return mask
+    if mask is None:
+        return band
+    if mask.dtype == torch.bool:
+        return mask & band
+    return mask.masked_fill(~band, float("-inf"))
+
+
+def additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A bool keep-mask as an additive bias of ``dtype`` (0 keep, -inf drop)."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def pad_last(t: Tensor, size: int) -> Tensor:
+    """Zero-pad the head dim to ``size`` (kernels that need equal q/k and v head dims)."""
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))

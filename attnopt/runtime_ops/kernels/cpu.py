@@ -1,0 +1,68 @@
+"""torch's fused flash-attention kernel for CPU.
+
+It reads strided inputs in place and takes GQA natively (checked once per process, since older
+torch builds did not). It needs equal q/k and v head dims, so MLA-shaped calls get the smaller
+side zero-padded and the output trimmed; it has no dropout; bands other than top-left causal go
+in as an additive mask.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..spec import AttnSpec
+from .base import Grads, Kernel, additive, empty_rng, full_mask, pad_last
+
+_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+@functools.cache
+def _native_gqa() -> bool:
+    q = torch.randn(1, 4, 3, 8)
+    k = torch.randn(1, 2, 3, 8)
+    try:
+        out, _ = _fwd(q, k, k)
+    except RuntimeError:
+        return False
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+    return bool(torch.allclose(out, ref, atol=1e-5))
+
+
+class CpuFlashKernel(Kernel):
+    name = "cpu_flash"
+
+    def available(self, device):
+        return None if device.type == "cpu" else "runs on CPU only"
+
+    def unsupported(self, spec: AttnSpec) -> Optional[str]:
+        if spec.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            return f"dtype {spec.dtype} is not supported"
+        if spec.dropout_p > 0:
+            return "no dropout"
+        if spec.heads_q != spec.heads_kv and not _native_gqa():
+            return "this torch build's CPU kernel has no grouped-query attention"
+        return None
+
+    def _args(self, spec: AttnSpec, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
+        d = max(spec.dim_qk, spec.dim_v)
+        native_causal = spec.is_causal and spec.window[0] < 0 and spec.band_is_top_left()
+        if native_causal:
+            m = mask
+        else:
+            m = full_mask(spec, mask, q.shape[2], k.shape[2], q.device)
+        return (pad_last(q, d), pad_last(k, d), pad_last(v, d)), additive(m, q.dtype), native_causal
+
+    def forward(self, spec, q, k, v, mask):
+        (qp, kp, vp), m, causal = self._args(spec, q, k, v, mask)
+        out, lse = _fwd(qp, kp, vp, 0.0, causal, attn_mask=m, scale=spec.scale)
+        return out[..., : spec.dim_v], lse, empty_rng(q.device)
+
+    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+        d = max(spec.dim_qk, spec.dim_v)
+        (qp, kp, vp), m, causal = self._args(spec, q, k, v, mask)
+        dq, dk, dv = _bwd(pad_last(grad_out, d), qp, kp, vp, pad_last(out, d), lse, 0.0, causal, attn_mask=m, scale=spec.scale)
+        return dq[..., : spec.dim_qk], dk[..., : spec.dim_qk], dv[..., : spec.dim_v]

@@ -1,0 +1,188 @@
+"""torch's fused CUDA kernels, called through their aten ops so that the op keeps the
+log-sum-exp and RNG state and runs the matching backward without recomputing the forward.
+
+- cuDNN: GQA, q/k head dim != v head dim, any strides with a unit-stride head dim, additive
+  masks and dropout; top-left causal; writes the output in q's memory order.
+- FLASH (FlashAttention-2 in torch): GQA, bottom-right causal and sliding windows, packed (thd)
+  sequences; equal head dims, no mask, and no dropout (its RNG state differs across torch
+  versions; cuDNN and EFFICIENT serve dropout).
+- EFFICIENT (memory-efficient): q/k head dim != v head dim, masks, both causal alignments,
+  dropout; no GQA.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..spec import AttnSpec
+from .base import Grads, Kernel, additive, empty_rng
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _on_cuda(device: torch.device) -> Optional[str]:
+    return None if device.type == "cuda" else "runs on CUDA only"
+
+
+def _rng(seed: Tensor, offset: Tensor, device: torch.device) -> Tensor:
+    return torch.stack([seed.reshape(()).to(device, torch.int64), offset.reshape(()).to(device, torch.int64)])
+
+
+class CudnnKernel(Kernel):
+    name = "cudnn"
+
+    def available(self, device):
+        if _on_cuda(device):
+            return _on_cuda(device)
+        return None if torch.backends.cudnn.is_available() else "cuDNN is not available"
+
+    def unsupported(self, spec: AttnSpec) -> Optional[str]:
+        if spec.dtype not in _HALF:
+            return "needs float16 or bfloat16"
+        if spec.dim_qk > 256 or spec.dim_v > 256 or spec.dim_qk % 8 or spec.dim_v % 8:
+            return "head dims must be multiples of 8 up to 256"
+        if spec.has_band and not (spec.is_causal and spec.window[0] < 0 and spec.band_is_top_left()):
+            return "only top-left causal masking (no windows, no bottom-right alignment)"
+        return None
+
+    def forward(self, spec, q, k, v, mask):
+        bias = additive(mask, q.dtype)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention.default(
+            q, k, v, bias, True, spec.dropout_p, spec.is_causal, False, scale=spec.scale
+        )
+        out, lse, seed, offset = res[0], res[1], res[6], res[7]
+        rng = _rng(seed, offset, q.device) if spec.dropout_p > 0 else empty_rng(q.device)
+        return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]), rng
+
+    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+        bias = additive(mask, q.dtype)
+        if spec.dropout_p > 0:
+            seed, offset = rng_state[0], rng_state[1]
+        else:
+            seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
+        # None reaches the kernel as an undefined tensor: "no bias", "not packed".
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default(
+            grad_out, q, k, v, out, lse.unsqueeze(-1), seed, offset, bias,
+            None, None, spec.seqlen_q, spec.seqlen_k, spec.dropout_p, spec.is_causal, scale=spec.scale,
+        )
+
+
+class FlashKernel(Kernel):
+    name = "flash"
+    varlen_native = True
+
+    def available(self, device):
+        if _on_cuda(device):
+            return _on_cuda(device)
+        major, _ = torch.cuda.get_device_capability(device)
+        return None if major >= 8 else "needs sm80 or newer"
+
+    def unsupported(self, spec: AttnSpec) -> Optional[str]:
+        if spec.dtype not in _HALF:
+            return "needs float16 or bfloat16"
+        if spec.dropout_p > 0:
+            return "dropout is left to cuDNN and EFFICIENT, whose RNG state the op carries"
+        if spec.dim_qk != spec.dim_v:
+            return "q/k and v head dims must be equal"
+        if spec.dim_qk > 256 or spec.dim_qk % 8:
+            return "head dim must be a multiple of 8 up to 256"
+        if spec.has_mask:
+            return "no explicit mask"
+        if spec.has_band and not spec.band_is_bottom_right():
+            return "causal/window bands are bottom-right aligned in this kernel"
+        return None
+
+    def _call(self, spec, q, k, v, cu_q, cu_k, max_q, max_k):
+        left, right = spec.window
+        causal = spec.is_causal and left < 0
+        kw = {"scale": spec.scale}
+        if not causal and spec.has_band:
+            kw.update(window_size_left=left, window_size_right=right)
+        res = torch.ops.aten._flash_attention_forward.default(
+            q, k, v, cu_q, cu_k, max_q, max_k, spec.dropout_p, causal, False, **kw
+        )
+        return res[0], res[1]
+
+    def _call_bwd(self, spec, do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, rng_state):
+        left, right = spec.window
+        causal = spec.is_causal and left < 0
+        kw = {"scale": spec.scale}
+        if not causal and spec.has_band:
+            kw.update(window_size_left=left, window_size_right=right)
+        rng = unused = torch.empty(0, dtype=torch.int64, device=q.device)
+        empty = torch.empty(0, device=q.device)
+        return torch.ops.aten._flash_attention_backward.default(
+            do, q, k, v, out, lse, cu_q if cu_q is not None else empty, cu_k if cu_k is not None else empty,
+            max_q, max_k, spec.dropout_p, causal, rng, unused, **kw,
+        )
+
+    def forward(self, spec, q, k, v, mask):
+        t = lambda x: x.transpose(1, 2)  # BHSD view -> BSHD view
+        out, lse = self._call(spec, t(q), t(k), t(v), None, None, spec.seqlen_q, spec.seqlen_k)
+        return out.transpose(1, 2), lse, empty_rng(q.device)
+
+    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+        t = lambda x: x.transpose(1, 2)
+        dq, dk, dv = self._call_bwd(spec, t(grad_out), t(q), t(k), t(v), t(out), lse, None, None,
+                                    spec.seqlen_q, spec.seqlen_k, rng_state)
+        return t(dq), t(dk), t(dv)
+
+    def forward_varlen(self, spec, q, k, v, cu_q, cu_k):
+        out, lse = self._call(spec, q, k, v, cu_q, cu_k, spec.seqlen_q, spec.seqlen_k)
+        return out, lse, empty_rng(q.device)
+
+    def backward_varlen(self, spec, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k) -> Grads:
+        return self._call_bwd(spec, grad_out, q, k, v, out, lse, cu_q, cu_k, spec.seqlen_q, spec.seqlen_k, rng_state)
+
+
+class EfficientKernel(Kernel):
+    name = "efficient"
+
+    def available(self, device):
+        return _on_cuda(device)
+
+    def unsupported(self, spec: AttnSpec) -> Optional[str]:
+        if spec.dtype not in (*_HALF, torch.float32):
+            return "needs float16, bfloat16 or float32"
+        if spec.heads_q != spec.heads_kv:
+            return "no grouped-query attention"
+        if spec.has_band and not (spec.is_causal and spec.window[0] < 0):
+            return "no sliding windows"
+        return None
+
+    def _mask_type(self, spec: AttnSpec) -> int:
+        if not spec.is_causal:
+            return 0
+        return 1 if spec.causal_align == "top_left" else 2
+
+    def forward(self, spec, q, k, v, mask):
+        t = lambda x: x.transpose(1, 2)
+        bias = additive(mask, q.dtype)
+        if bias is not None:
+            bias = bias.expand(spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
+        out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward.default(
+            t(q), t(k), t(v), bias, None, None, spec.seqlen_q, spec.seqlen_k, spec.dropout_p,
+            self._mask_type(spec), True, scale=spec.scale,
+        )
+        rng = _rng(seed, offset, q.device) if spec.dropout_p > 0 else empty_rng(q.device)
+        return out.transpose(1, 2), lse[..., : spec.seqlen_q], rng
+
+    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+        t = lambda x: x.transpose(1, 2)
+        bias = additive(mask, q.dtype)
+        if bias is not None:
+            bias = bias.expand(spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
+        pad = (-spec.seqlen_q) % 32
+        lse_k = F.pad(lse, (0, pad)) if pad else lse
+        if spec.dropout_p > 0:
+            seed, offset = rng_state[0], rng_state[1]
+        else:
+            seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward.default(
+            t(grad_out), t(q), t(k), t(v), bias, t(out), None, None, spec.seqlen_q, spec.seqlen_k,
+            lse_k, spec.dropout_p, seed, offset, self._mask_type(spec), False, scale=spec.scale,
+        )
+        return t(dq), t(dk), t(dv)

@@ -1,0 +1,98 @@
+"""FlashAttention-4 (``flash_attn.cute``), the fastest kernel measured on Hopper and Blackwell.
+
+GQA by head count, q/k head dim != v head dim, bottom-right causal and sliding windows, packed
+(thd) sequences. No dropout and no explicit mask. Importing ``flash_attn.cute`` JIT-loads CuTe
+DSL and takes seconds, so it happens on first use, never at ``import attnopt``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from ..spec import AttnSpec
+from .base import Grads, Kernel, empty_rng
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _interface() -> ModuleType:
+    from flash_attn.cute import interface
+
+    return interface
+
+
+class FA4Kernel(Kernel):
+    name = "fa4"
+    varlen_native = True
+
+    def available(self, device):
+        if device.type != "cuda":
+            return "runs on CUDA only"
+        try:
+            found = importlib.util.find_spec("flash_attn.cute") is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return "flash_attn.cute (flash-attn-4) is not installed"
+        major, _ = torch.cuda.get_device_capability(device)
+        return None if major >= 9 else "needs sm90 or newer"
+
+    def unsupported(self, spec: AttnSpec) -> Optional[str]:
+        if spec.dtype not in _HALF:
+            return "needs float16 or bfloat16"
+        if spec.dropout_p > 0:
+            return "no dropout"
+        if spec.has_mask:
+            return "no explicit mask"
+        if spec.has_band and not spec.band_is_bottom_right():
+            return "causal/window bands are bottom-right aligned in this kernel"
+        if spec.dim_qk % 8 or spec.dim_v % 8 or spec.dim_qk > 256 or spec.dim_v > 256:
+            return "head dims must be multiples of 8 up to 256"
+        major, _ = torch.cuda.get_device_capability(spec.device)
+        try:
+            _interface()._validate_head_dims(spec.dim_qk, spec.dim_v, major, 16 // (torch.finfo(spec.dtype).bits // 8))
+        except (AssertionError, ValueError) as e:
+            return f"head dims ({spec.dim_qk}, {spec.dim_v}): {e}"
+        return None
+
+    def _window(self, spec: AttnSpec) -> dict:
+        left, right = spec.window
+        causal = spec.is_causal and left < 0
+        if causal or not spec.has_band:
+            return {"causal": causal}
+        return {"causal": False, "window_size_left": left if left >= 0 else None,
+                "window_size_right": right if right >= 0 else None}
+
+    def forward(self, spec, q, k, v, mask):
+        t = lambda x: x.transpose(1, 2)
+        out, lse, *_ = _interface()._flash_attn_fwd(
+            t(q), t(k), t(v), softmax_scale=spec.scale, return_lse=True, **self._window(spec)
+        )
+        return out.transpose(1, 2), lse, empty_rng(q.device)
+
+    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+        t = lambda x: x.transpose(1, 2)
+        w = self._window(spec)
+        dq, dk, dv = _interface()._flash_attn_bwd(
+            t(q), t(k), t(v), t(out), t(grad_out), lse, spec.scale, w.pop("causal"), 0.0, **w
+        )[:3]
+        return t(dq), t(dk), t(dv)
+
+    def forward_varlen(self, spec, q, k, v, cu_q, cu_k):
+        out, lse, *_ = _interface()._flash_attn_fwd(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=spec.seqlen_q,
+            max_seqlen_k=spec.seqlen_k, softmax_scale=spec.scale, return_lse=True, **self._window(spec),
+        )
+        return out, lse, empty_rng(q.device)
+
+    def backward_varlen(self, spec, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k) -> Grads:
+        w = self._window(spec)
+        return _interface()._flash_attn_bwd(
+            q, k, v, out, grad_out, lse, spec.scale, w.pop("causal"), 0.0, cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k, max_seqlen_q=spec.seqlen_q, max_seqlen_k=spec.seqlen_k, **w,
+        )[:3]

@@ -1,0 +1,72 @@
+"""Reference attention with an explicit softmax in float32 (float64 for float64 inputs):
+every feature, any device.
+
+Used as the last resort and as the reference the tests compare fused kernels against. GQA is
+computed by grouping query heads ([B, Hkv, R, S, D] views), so K and V are never repeated.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..spec import AttnSpec
+from .base import Grads, Kernel, empty_rng, full_mask
+
+
+def _acc(t: Tensor) -> Tensor:
+    """Upcast to the accumulation dtype: float32, or float64 when the input is float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _grouped(t: Tensor, groups: int) -> Tensor:
+    """[B, Hq, S, D] -> [B, Hkv, R, S, D] (a view)."""
+    return t.unflatten(1, (groups, t.shape[1] // groups))
+
+
+class MathKernel(Kernel):
+    name = "math"
+
+    def _probs(self, spec: AttnSpec, q: Tensor, k: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        qg = _grouped(_acc(q), spec.heads_kv)
+        s = torch.matmul(qg, _acc(k).unsqueeze(2).transpose(-1, -2)) * spec.scale
+        s = s.flatten(1, 2)  # [B, Hq, Sq, Sk]
+        m = full_mask(spec, mask, q.shape[2], k.shape[2], q.device)
+        if m is not None:
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + _acc(m)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.unsqueeze(-1))
+        p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)
+        return p, lse
+
+    def _dropout_keep(self, spec: AttnSpec, rng_state: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(rng_state[0]))
+        return torch.rand(shape, generator=gen, device=device) >= spec.dropout_p
+
+    def forward(self, spec, q, k, v, mask):
+        p, lse = self._probs(spec, q, k, mask)
+        rng = empty_rng(q.device)
+        if spec.dropout_p > 0:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            rng = torch.tensor([seed, 0], dtype=torch.int64, device=q.device)
+            p = p * self._dropout_keep(spec, rng, p.shape, q.device) / (1.0 - spec.dropout_p)
+        out = torch.matmul(_grouped(p, spec.heads_kv), _acc(v).unsqueeze(2)).flatten(1, 2)
+        return out.to(q.dtype), lse, rng
+
+    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+        hkv = spec.heads_kv
+        p, _ = self._probs(spec, q, k, mask)
+        do = _acc(grad_out)
+        dp = torch.matmul(_grouped(do, hkv), _acc(v).unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
+        pd = p
+        if spec.dropout_p > 0:
+            keep = self._dropout_keep(spec, rng_state, p.shape, q.device) / (1.0 - spec.dropout_p)
+            pd, dp = p * keep, dp * keep
+        dv = torch.matmul(_grouped(pd, hkv).transpose(-1, -2), _grouped(do, hkv)).sum(2)
+        delta = (do * _acc(out)).sum(-1, keepdim=True)
+        ds = p * (dp - delta) * spec.scale
+        dq = torch.matmul(_grouped(ds, hkv), _acc(k).unsqueeze(2)).flatten(1, 2)
+        dk = torch.matmul(_grouped(ds, hkv).transpose(-1, -2), _grouped(_acc(q), hkv)).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

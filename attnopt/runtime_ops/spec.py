@@ -1,0 +1,234 @@
+"""The canonical description of one attention call, and the input checks behind it.
+
+Everything a kernel policy needs is read from metadata (shapes, dtypes, devices and the
+call's arguments), never from tensor contents, so the same checks run on real and fake
+tensors and a bad call fails with a ValueError before any kernel is launched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+LAYOUTS = ("bhsd", "bshd", "sbhd", "thd")
+CAUSAL_ALIGNS = ("top_left", "bottom_right")
+
+# Permutation taking a tensor in the given layout to a [B, H, S, D] view, and its inverse.
+TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3)}
+FROM_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (2, 0, 1, 3)}
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """Shape and semantics of one call, in layout-free terms.
+
+    ``window`` is (left, right) around the diagonal chosen by ``causal_align``; -1 means
+    unbounded. ``is_causal`` is folded into ``window[1] == 0``. For ``thd`` the batch is the
+    number of sequences and the sequence lengths are the given maxima.
+    """
+
+    layout: str
+    out_layout: str
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    dim_qk: int
+    dim_v: int
+    dtype: torch.dtype
+    device: torch.device
+    scale: float
+    dropout_p: float
+    causal_align: str
+    window: tuple[int, int]
+    mask_dtype: Optional[torch.dtype]
+    equal_seqlens: bool = False
+
+    @property
+    def varlen(self) -> bool:
+        return self.layout == "thd"
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask_dtype is not None
+
+    @property
+    def is_causal(self) -> bool:
+        return self.window[1] == 0
+
+    @property
+    def has_band(self) -> bool:
+        """True when causal or window restricts keys (beyond an explicit mask)."""
+        return self.window != (-1, -1)
+
+    @property
+    def gqa_group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+    def band_is_bottom_right(self) -> bool:
+        """True when the band means the same thing under bottom-right alignment."""
+        return self.causal_align == "bottom_right" or self.equal_seqlens
+
+    def band_is_top_left(self) -> bool:
+        return self.causal_align == "top_left" or self.equal_seqlens
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(f"attnopt.attention: {msg}")
+
+
+def build_spec(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor],
+    dropout_p: float,
+    is_causal: bool,
+    scale: Optional[float],
+    layout: str,
+    out_layout: Optional[str],
+    causal_align: str,
+    window_size: Sequence[int],
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+) -> AttnSpec:
+    """Validate a call and describe it. Raises ValueError naming the first problem found."""
+    if layout not in LAYOUTS:
+        _fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    out_layout = layout if out_layout is None else out_layout
+    if out_layout not in LAYOUTS:
+        _fail(f"out_layout must be one of {LAYOUTS}, got {out_layout!r}")
+    if (layout == "thd") != (out_layout == "thd"):
+        _fail(f"layout {layout!r} and out_layout {out_layout!r} must both be 'thd' or neither")
+    if causal_align not in CAUSAL_ALIGNS:
+        _fail(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not t.is_floating_point():
+            _fail(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        _fail(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        _fail(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    rank = 3 if layout == "thd" else 4
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != rank:
+            _fail(f"{name} must have {rank} dims for layout {layout!r}, got shape {tuple(t.shape)}")
+    if len(window_size) != 2:
+        _fail(f"window_size must be (left, right), got {tuple(window_size)}")
+    left, right = int(window_size[0]), int(window_size[1])
+    if left < -1 or right < -1:
+        _fail(f"window_size entries must be >= 0 or -1 (unbounded), got {(left, right)}")
+    if is_causal:
+        if right > 0:
+            _fail(f"is_causal=True admits no keys right of the diagonal, but window_size[1]={right}")
+        right = 0
+    if not 0.0 <= dropout_p < 1.0:
+        _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+    if layout == "thd":
+        if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
+            _fail("layout 'thd' needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
+        for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if t.dtype != torch.int32 or t.dim() != 1:
+                _fail(f"{name} must be a 1-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+            if t.device != query.device:
+                _fail(f"{name} is on {t.device} but query is on {query.device}")
+        if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0] or cu_seqlens_q.shape[0] < 2:
+            _fail(
+                "cu_seqlens_q and cu_seqlens_k must both hold batch+1 >= 2 offsets, got "
+                f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
+            )
+        if attn_mask is not None:
+            _fail("attn_mask is not supported with layout 'thd'; describe structure with cu_seqlens and window_size")
+        batch = cu_seqlens_q.shape[0] - 1
+        hq, hkv, hv = query.shape[1], key.shape[1], value.shape[1]
+        sq, sk = max_seqlen_q, max_seqlen_k
+        if key.shape[0] != value.shape[0]:
+            _fail(f"key and value must have the same number of tokens, got {key.shape[0]} and {value.shape[0]}")
+    else:
+        perm = TO_BHSD[layout]
+        qs, ks, vs = ([t.shape[p] for p in perm] for t in (query, key, value))
+        batch, hq, sq = qs[0], qs[1], qs[2]
+        hkv, sk, hv = ks[1], ks[2], vs[1]
+        if not (qs[0] == ks[0] == vs[0]):
+            _fail(f"batch sizes differ: query {qs[0]}, key {ks[0]}, value {vs[0]} (layout {layout!r})")
+        if ks[2] != vs[2]:
+            _fail(f"key and value sequence lengths differ: {ks[2]} and {vs[2]} (layout {layout!r})")
+    if hkv != hv:
+        _fail(f"key and value must have the same number of heads, got {hkv} and {hv}")
+    if hkv == 0 or hq % hkv != 0:
+        _fail(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention")
+    dqk, dv = query.shape[-1], value.shape[-1]
+    if key.shape[-1] != dqk:
+        _fail(f"query and key head dims differ: {dqk} and {key.shape[-1]}")
+
+    mask_dtype = None
+    if attn_mask is not None:
+        if attn_mask.device != query.device:
+            _fail(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype and attn_mask.dtype != torch.float32:
+            _fail(f"attn_mask must be bool or additive of dtype {query.dtype} or float32, got {attn_mask.dtype}")
+        if attn_mask.dim() > 4:
+            _fail(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
+        target = (batch, hq, sq, sk)
+        padded = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+        for have, want in zip(padded, target):
+            if have != 1 and have != want:
+                _fail(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
+        mask_dtype = attn_mask.dtype
+
+    return AttnSpec(
+        layout=layout,
+        out_layout=out_layout,
+        batch=batch,
+        heads_q=hq,
+        heads_kv=hkv,
+        seqlen_q=sq,
+        seqlen_k=sk,
+        dim_qk=dqk,
+        dim_v=dv,
+        dtype=query.dtype,
+        device=query.device,
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(dqk),
+        dropout_p=float(dropout_p),
+        causal_align=causal_align,
+        window=(left, right),
+        mask_dtype=mask_dtype,
+        equal_seqlens=layout != "thd" and sq == sk,
+    )
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int, name: str) -> list[int]:
+    """Check offsets against the packed tensor (reads the offsets: real tensors only)."""
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        _fail(f"{name} must start at 0, got {offsets[0]}")
+    if offsets[-1] != total:
+        _fail(f"{name} must end at the number of packed tokens ({total}), got {offsets[-1]}")
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if any(n < 0 for n in lengths):
+        _fail(f"{name} must be non-decreasing, got {offsets}")
+    if max(lengths) > max_seqlen:
+        _fail(f"{name} holds a sequence of {max(lengths)} tokens, longer than its max_seqlen {max_seqlen}")
+    return offsets
+
+
+def out_shape(spec: AttnSpec, total_q: int) -> tuple[int, ...]:
+    """Shape of the output in ``spec.out_layout``."""
+    if spec.out_layout == "thd":
+        return (total_q, spec.heads_q, spec.dim_v)
+    bhsd = (spec.batch, spec.heads_q, spec.seqlen_q, spec.dim_v)
+    return tuple(bhsd[i] for i in FROM_BHSD[spec.out_layout])
+
+
+def lse_shape(spec: AttnSpec, total_q: int) -> tuple[int, ...]:
+    """Log-sum-exp of the scores: [B, Hq, Sq], or [Hq, total_q] for packed sequences."""
+    if spec.layout == "thd":
+        return (spec.heads_q, total_q)
+    return (spec.batch, spec.heads_q, spec.seqlen_q)

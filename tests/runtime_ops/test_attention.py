@@ -1,0 +1,192 @@
+"""attnopt::attention on CPU: numerics of every variant on every CPU kernel, opcheck, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnopt.runtime_ops as R
+from tests.runtime_ops.variants import VARIANTS, Variant, make_inputs, reference, rel_err
+
+CPU_KERNELS = ("cpu_flash", "math")
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_forward_backward_match_reference(variant: Variant, kernel: str):
+    q, k, v, kw = make_inputs(variant, torch.float32, "cpu")
+    with R.trace_kernels() as calls:
+        out = R.attention(q, k, v, kernel=kernel, **kw)
+        ref = reference(q, k, v, kw)
+        assert out.shape == ref.shape and out.is_contiguous()
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    assert rel_err(out, ref) < 1e-5
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel_err(g, w) < 1e-5
+    assert [c.kernel for c in calls] == [kernel, kernel]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_opcheck(variant: Variant):
+    q, k, v, kw = make_inputs(variant, torch.float32, "cpu")
+    args = (q, k, v)
+    kwargs = {k_: (list(v_) if k_ == "window_size" else v_) for k_, v_ in kw.items()}
+    torch.library.opcheck(torch.ops.attnopt.attention.default, args, kwargs)
+
+
+def test_auto_policy_on_cpu_prefers_fused_kernel():
+    q, k, v, kw = make_inputs(Variant("gqa", heads_q=8, heads_kv=2, is_causal=True), torch.float32, "cpu")
+    assert R.kernel_for(q, k, v, **kw) == "cpu_flash"
+    q, k, v, kw = make_inputs(Variant("bshd"), torch.float32, "cpu")
+    assert R.kernel_for(q, k, v, dropout_p=0.1, **kw) == "math"
+
+
+def test_inputs_are_read_in_place_and_output_is_in_requested_layout():
+    base = torch.randn(2, 16, 3, 4, 32)  # fused QKV projection [B, S, 3, H, D]
+    q, k, v = base.unbind(2)  # strided bshd views, no copies
+    out = R.attention(q, k, v, layout="bshd", out_layout="sbhd", is_causal=True)
+    assert out.shape == (16, 2, 4, 32) and out.is_contiguous()
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(out, ref.permute(2, 0, 1, 3))
+
+
+def test_dropout_forward_and_backward_use_one_mask():
+    # With a fixed dropout mask, out is linear in v, so <dO, out> == <dV, v> exactly when the
+    # backward replays the forward's mask.
+    q, k, v, kw = make_inputs(Variant("gqa", heads_q=8, heads_kv=2), torch.float64, "cpu")
+    out = R.attention(q, k, v, dropout_p=0.3, **kw)
+    grad = torch.randn_like(out)
+    (dv,) = torch.autograd.grad(out, (v,), grad)
+    torch.testing.assert_close((grad * out).sum(), (dv * v).sum())
+    dropped = (out == 0).all(-1).float().mean()
+    assert dropped < 0.05  # rows are averages of kept values, not zeroed outright
+    torch.manual_seed(1)
+    a = R.attention(q, k, v, dropout_p=0.3, **kw)
+    torch.manual_seed(1)
+    b = R.attention(q, k, v, dropout_p=0.3, **kw)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, R.attention(q, k, v, **kw))
+
+
+def test_dropout_gradients_by_finite_differences():
+    q, k, v, kw = make_inputs(Variant("small", batch=1, heads_q=2, heads_kv=1, seqlen_q=3, seqlen_k=4, dim_qk=4,
+                                      dim_v=4), torch.float64, "cpu")
+
+    def f(q, k, v):
+        torch.manual_seed(7)
+        return R.attention(q, k, v, dropout_p=0.25, **kw)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_lse_is_returned_and_not_differentiable():
+    q, k, v, kw = make_inputs(Variant("bshd"), torch.float32, "cpu")
+    out, lse = R.attention(q, k, v, return_lse=True, **kw)
+    assert lse.shape == (2, 4, 16) and lse.dtype == torch.float32 and not lse.requires_grad
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 32**0.5
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+
+
+def test_compiles_fullgraph_with_dynamic_shapes():
+    def f(q, k, v):
+        return R.attention(q, k, v, layout="bshd", is_causal=True).sum()
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for s in (8, 12, 20):
+        q, k, v, kw = make_inputs(Variant("d", heads_q=4, heads_kv=2, seqlen_q=s, seqlen_k=s), torch.float32, "cpu")
+        torch.testing.assert_close(cf(q, k, v), f(q, k, v))
+        ga = torch.autograd.grad(cf(q, k, v), (q, k, v))
+        gb = torch.autograd.grad(f(q, k, v), (q, k, v))
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b)
+
+
+def test_exports_and_round_trips(tmp_path):
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return R.attention(q, k, v, layout="sbhd", is_causal=True)
+
+    q, k, v, _ = make_inputs(Variant("e", layout="sbhd", heads_q=4, heads_kv=2), torch.float32, "cpu", False)
+    ep = torch.export.export(M(), (q, k, v))
+    assert any(n.target is torch.ops.attnopt.attention.default for n in ep.graph.nodes)
+    torch.export.save(ep, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2")
+    torch.testing.assert_close(loaded.module()(q, k, v), M()(q, k, v))
+
+
+BAD = [
+    ("dtype", lambda q, k, v: (q, k.double(), v), {}, "share a dtype"),
+    ("rank", lambda q, k, v: (q[0], k, v), {}, "must have 4 dims"),
+    ("heads", lambda q, k, v: (q, k[:, :, :3], v[:, :, :3]), {}, "multiple of key/value heads"),
+    ("kv_heads", lambda q, k, v: (q, k, v[:, :, :2]), {}, "same number of heads"),
+    ("qk_dim", lambda q, k, v: (q, k[..., :16], v), {}, "head dims differ"),
+    ("layout", lambda q, k, v: (q, k, v), {"layout": "bsdh"}, "layout must be one of"),
+    ("mask_shape", lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(3, 1, 16, 16, dtype=torch.bool)}, "broadcast"),
+    ("mask_dtype", lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(16, 16, dtype=torch.int64)}, "attn_mask must be bool"),
+    ("causal_window", lambda q, k, v: (q, k, v), {"is_causal": True, "window_size": (4, 2)}, "right of the diagonal"),
+    ("dropout", lambda q, k, v: (q, k, v), {"dropout_p": 1.0}, "dropout_p"),
+    ("kernel", lambda q, k, v: (q, k, v), {"kernel": "nope"}, "unknown kernel"),
+    ("forced_kernel", lambda q, k, v: (q, k, v), {"kernel": "cudnn"}, "kernel 'cudnn' cannot run"),
+    ("forced_dropout", lambda q, k, v: (q, k, v), {"kernel": "cpu_flash", "dropout_p": 0.1}, "no dropout"),
+]
+
+
+@pytest.mark.parametrize("make,extra,message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_raises_value_error(make, extra, message):
+    q, k, v, _ = make_inputs(Variant("bad", heads_q=4, heads_kv=4), torch.float32, "cpu", False)
+    with pytest.raises(ValueError, match=message):
+        R.attention(*make(q, k, v), layout=extra.pop("layout", "bshd"), **extra)
+
+
+def test_bad_cu_seqlens_raise_value_error():
+    q = torch.randn(10, 2, 8)
+    good = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for cu, msg in [
+        (torch.tensor([0, 4, 9], dtype=torch.int32), "must end at"),
+        (torch.tensor([1, 4, 10], dtype=torch.int32), "must start at 0"),
+        (torch.tensor([0, 7, 5, 10], dtype=torch.int32), "non-decreasing"),
+        (torch.tensor([0, 10], dtype=torch.int32), "batch\+1"),
+        (torch.tensor([0, 4, 10], dtype=torch.int64), "int32"),
+    ]:
+        cu_k = cu if msg in ("int32", "non-decreasing") else good
+        with pytest.raises(ValueError, match=msg):
+            R.attention(q, q, q, layout="thd", cu_seqlens_q=cu, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=6)
+    with pytest.raises(ValueError, match="longer than its max_seqlen"):
+        R.attention(q, q, q, layout="thd", cu_seqlens_q=good, cu_seqlens_k=good, max_seqlen_q=5, max_seqlen_k=6)
+
+
+def test_mask_requiring_grad_is_refused():
+    q, k, v, kw = make_inputs(Variant("m"), torch.float32, "cpu")
+    bias = torch.zeros(16, 16, requires_grad=True)
+    with pytest.raises(ValueError, match="must not require grad"):
+        R.attention(q, k, v, attn_mask=bias, **kw)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    layout=st.sampled_from(["bhsd", "bshd", "sbhd"]),
+    out_layout=st.sampled_from(["bhsd", "bshd", "sbhd"]),
+    heads_kv=st.sampled_from([1, 2, 3]),
+    group=st.integers(1, 3),
+    seqlen_q=st.integers(1, 9),
+    seqlen_k=st.integers(1, 9),
+    dims=st.sampled_from([(8, 8), (16, 8), (8, 16)]),
+    causal=st.booleans(),
+    align=st.sampled_from(["top_left", "bottom_right"]),
+)
+def test_any_layout_and_shape_matches_reference(layout, out_layout, heads_kv, group, seqlen_q, seqlen_k, dims,
+                                                 causal, align):
+    v_ = Variant("h", layout=layout, out_layout=out_layout, batch=2, heads_q=heads_kv * group, heads_kv=heads_kv,
+                 seqlen_q=seqlen_q, seqlen_k=seqlen_k, dim_qk=dims[0], dim_v=dims[1], is_causal=causal,
+                 causal_align=align)
+    q, k, v, kw = make_inputs(v_, torch.float64, "cpu", requires_grad=False)
+    ref = reference(q, k, v, kw)
+    fully_masked = ref.isnan().any(-1)  # causal rows with no key: defined as 0 by attnopt
+    out = R.attention(q, k, v, **kw)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out[~fully_masked], ref[~fully_masked])
+    assert (out[fully_masked] == 0).all()
