@@ -27,7 +27,7 @@ _ARGS = (
     "Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0., "
     'bool is_causal=False, float? scale=None, str layout="bhsd", str? out_layout=None, '
     'str causal_align="top_left", int[2] window_size=[-1, -1], Tensor? cu_seqlens_q=None, '
-    'Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, str kernel="auto"'
+    'Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, str kernel_name="auto"'
 )
 
 
@@ -56,6 +56,8 @@ def trace_kernels() -> Iterator[list[KernelCall]]:
 
 
 def _record(direction: str, kernel: str, spec: AttnSpec) -> None:
+    if not _traces and not log.isEnabledFor(logging.DEBUG):
+        return
     call = KernelCall(direction, kernel, spec.layout, (spec.batch, spec.heads_q, spec.heads_kv, spec.seqlen_q,
                                                       spec.seqlen_k, spec.dim_qk, spec.dim_v))
     for calls in _traces:
@@ -89,8 +91,7 @@ def _dense(t: Tensor) -> Tensor:
     return t.transpose(0, 1).unsqueeze(0)
 
 
-def _forward_varlen(kern, spec, q, k, v, cu_q, cu_k):
-    spec, offs_q, offs_k = _varlen_spec(spec, q, k, cu_q, cu_k)
+def _forward_varlen(kern, spec, offs_q, offs_k, q, k, v, cu_q, cu_k):
     if kern.varlen_native:
         return kern.forward_varlen(spec, q, k, v, cu_q, cu_k)
     out = q.new_zeros(q.shape[0], spec.heads_q, spec.dim_v)
@@ -104,8 +105,7 @@ def _forward_varlen(kern, spec, q, k, v, cu_q, cu_k):
     return out, lse, kernels.base.empty_rng(q.device)
 
 
-def _backward_varlen(kern, spec, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k):
-    spec, offs_q, offs_k = _varlen_spec(spec, q, k, cu_q, cu_k)
+def _backward_varlen(kern, spec, offs_q, offs_k, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k):
     if kern.varlen_native:
         return kern.backward_varlen(spec, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -125,16 +125,25 @@ def _select(spec: AttnSpec, kernel: str) -> kernels.Kernel:
     return kern
 
 
-@torch.library.custom_op("attnopt::attention", mutates_args=(), schema=f"({_ARGS}) -> (Tensor, Tensor, Tensor)")
+# Defined with torch.library.define/impl rather than custom_op: the custom_op wrapper re-binds
+# all sixteen arguments on every call, which costs more host time than a fast kernel launch.
+torch.library.define("attnopt::attention", f"({_ARGS}) -> (Tensor, Tensor, Tensor)")
+torch.library.define("attnopt::attention_backward",
+                     f"(Tensor grad_out, Tensor out, Tensor lse, Tensor rng_state, {_ARGS}) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("attnopt::attention", "CompositeExplicitAutograd")
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, layout="bhsd",
                out_layout=None, causal_align="top_left", window_size=(-1, -1), cu_seqlens_q=None,
-               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel="auto"):
+               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto"):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
                  window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    kern = _select(spec, kernel)
+    if spec.varlen:
+        spec, offs_q, offs_k = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
+    kern = _select(spec, kernel_name)
     _record("forward", kern.name, spec)
     if spec.varlen:
-        out, lse, rng = _forward_varlen(kern, spec, query, key, value, cu_seqlens_q, cu_seqlens_k)
+        out, lse, rng = _forward_varlen(kern, spec, offs_q, offs_k, query, key, value, cu_seqlens_q, cu_seqlens_k)
     else:
         q, k, v = (t.permute(TO_BHSD[layout]) for t in (query, key, value))
         out, lse, rng = kern.forward(spec, q, k, v, attn_mask)
@@ -142,14 +151,14 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return out.contiguous(), lse.contiguous(), rng
 
 
-@_attention.register_fake
+@torch.library.register_fake("attnopt::attention")
 def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     layout="bhsd", out_layout=None, causal_align="top_left", window_size=(-1, -1),
-                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel="auto"):
+                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto"):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
                  window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if kernel not in kernels.KERNEL_NAMES:
-        raise ValueError(f"attnopt.attention: unknown kernel {kernel!r}; choose from {kernels.KERNEL_NAMES}")
+    if kernel_name not in kernels.KERNEL_NAMES:
+        raise ValueError(f"attnopt.attention: unknown kernel {kernel_name!r}; choose from {kernels.KERNEL_NAMES}")
     total_q = query.shape[0]
     out = query.new_empty(out_shape(spec, total_q))
     lse = query.new_empty(lse_shape(spec, total_q), dtype=torch.float32)
@@ -157,21 +166,19 @@ def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return out, lse, rng
 
 
-_BWD_ARGS = "Tensor grad_out, Tensor out, Tensor lse, Tensor rng_state, " + _ARGS
-
-
-@torch.library.custom_op("attnopt::attention_backward", mutates_args=(),
-                         schema=f"({_BWD_ARGS}) -> (Tensor, Tensor, Tensor)")
+@torch.library.impl("attnopt::attention_backward", "CompositeExplicitAutograd")
 def _attention_backward(grad_out, out, lse, rng_state, query, key, value, attn_mask=None, dropout_p=0.0,
                         is_causal=False, scale=None, layout="bhsd", out_layout=None, causal_align="top_left",
                         window_size=(-1, -1), cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                        max_seqlen_k=None, kernel="auto"):
+                        max_seqlen_k=None, kernel_name="auto"):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
                  window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    kern = _select(spec, kernel)
+    if spec.varlen:
+        spec, offs_q, offs_k = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
+    kern = _select(spec, kernel_name)
     _record("backward", kern.name, spec)
     if spec.varlen:
-        grads = _backward_varlen(kern, spec, grad_out, query, key, value, out, lse, rng_state,
+        grads = _backward_varlen(kern, spec, offs_q, offs_k, grad_out, query, key, value, out, lse, rng_state,
                                  cu_seqlens_q, cu_seqlens_k)
     else:
         q, k, v = (t.permute(TO_BHSD[layout]) for t in (query, key, value))
@@ -181,7 +188,7 @@ def _attention_backward(grad_out, out, lse, rng_state, query, key, value, attn_m
     return tuple(t.contiguous() for t in grads)
 
 
-@_attention_backward.register_fake
+@torch.library.register_fake("attnopt::attention_backward")
 def _attention_backward_fake(grad_out, out, lse, rng_state, query, key, value, *args, **kwargs):
     return torch.empty_like(query, memory_format=torch.contiguous_format), \
         torch.empty_like(key, memory_format=torch.contiguous_format), \
@@ -189,7 +196,7 @@ def _attention_backward_fake(grad_out, out, lse, rng_state, query, key, value, *
 
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "layout", "out_layout",
-          "causal_align", "window_size", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "kernel")
+          "causal_align", "window_size", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "kernel_name")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -213,7 +220,29 @@ def _backward(ctx, grad_out, grad_lse, grad_rng):
     return (dq, dk, dv) + (None,) * (len(_NAMES) - 3)
 
 
-_attention.register_autograd(_backward, setup_context=_setup_context)
+_DEFAULTS = (None, 0.0, False, None, "bhsd", None, "top_left", [-1, -1], None, None, None, None, "auto")
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """Autograd for attnopt::attention; registered by hand rather than with register_autograd,
+    whose per-call re-binding of the sixteen arguments costs more host time than the kernel."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        args = args + _DEFAULTS[len(args) - 3:]  # the dispatcher drops trailing defaults
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.attnopt.attention.default(*args)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, grad_rng):
+        return _backward(ctx, grad_out, grad_lse, grad_rng)
+
+
+@torch.library.impl("attnopt::attention", "Autograd")
+def _attention_autograd(*args):
+    return _AttentionFunction.apply(*args)
 
 
 def attention(
@@ -241,7 +270,8 @@ def attention(
     Query head h reads key/value head ``h // (Hq // Hkv)``. ``attn_mask`` is bool (True =
     attend) or additive and broadcasts to [B, Hq, Sq, Sk]. ``window_size`` is (left, right)
     around the diagonal, which ``causal_align`` puts at the top-left (SDPA) or the bottom-right
-    (flash-attn) corner when Sq != Sk. ``kernel`` forces one of ``KERNEL_NAMES``.
+    (flash-attn) corner when Sq != Sk. ``kernel`` forces one of ``KERNEL_NAMES`` (the op's
+    ``kernel_name`` argument).
     """
     out, lse, _ = torch.ops.attnopt.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,

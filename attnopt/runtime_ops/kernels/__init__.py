@@ -7,6 +7,8 @@ computes the call exactly wins; ``math`` computes everything and always comes la
 """
 from __future__ import annotations
 
+import functools
+
 from ..spec import AttnSpec
 from .base import Kernel
 from .cpu import CpuFlashKernel
@@ -31,8 +33,12 @@ def _why_not(kernel: Kernel, spec: AttnSpec) -> str | None:
     return reason
 
 
+@functools.lru_cache(maxsize=4096)
 def select(spec: AttnSpec, kernel: str = "auto") -> Kernel:
-    """The kernel that runs ``spec``. A forced kernel that cannot run it raises ValueError."""
+    """The kernel that runs ``spec``. A forced kernel that cannot run it raises ValueError.
+
+    Cached: a spec holds only metadata, and availability does not change within a process.
+    """
     if kernel != "auto":
         if kernel not in KERNELS:
             raise ValueError(f"attnopt.attention: unknown kernel {kernel!r}; choose from {KERNEL_NAMES}")

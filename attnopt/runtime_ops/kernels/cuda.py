@@ -7,7 +7,7 @@ log-sum-exp and RNG state and runs the matching backward without recomputing the
   sequences; equal head dims, no mask, and no dropout (its RNG state differs across torch
   versions; cuDNN and EFFICIENT serve dropout).
 - EFFICIENT (memory-efficient): q/k head dim != v head dim, masks, both causal alignments,
-  dropout; no GQA.
+  dropout; no GQA; operands are made contiguous BSHD (its backward needs that).
 """
 from __future__ import annotations
 
@@ -25,6 +25,20 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _on_cuda(device: torch.device) -> Optional[str]:
     return None if device.type == "cuda" else "runs on CUDA only"
+
+
+def same_order(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` with its dims in ``ref``'s memory order (a no-op when they already agree)."""
+    order = sorted(range(ref.dim()), key=lambda d: -ref.stride(d))
+    if t.permute(order).is_contiguous():
+        return t
+    inverse = sorted(range(len(order)), key=lambda i: order[i])
+    return t.permute(order).contiguous().permute(inverse)
+
+
+def _bshd(t: Tensor) -> Tensor:
+    """[B, H, S, D] view -> contiguous [B, S, H, D] (copies unless already in that order)."""
+    return t.transpose(1, 2).contiguous()
 
 
 def _rng(seed: Tensor, offset: Tensor, device: torch.device) -> Tensor:
@@ -58,6 +72,8 @@ class CudnnKernel(Kernel):
         return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2]), rng
 
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+        # The backward assumes out and grad_out laid out like the forward wrote out: q's order.
+        out, grad_out = same_order(out, q), same_order(grad_out, q)
         bias = additive(mask, q.dtype)
         if spec.dropout_p > 0:
             seed, offset = rng_state[0], rng_state[1]
@@ -113,10 +129,9 @@ class FlashKernel(Kernel):
         if not causal and spec.has_band:
             kw.update(window_size_left=left, window_size_right=right)
         rng = unused = torch.empty(0, dtype=torch.int64, device=q.device)
-        empty = torch.empty(0, device=q.device)
+        # None reaches the kernel as an undefined tensor: "not packed".
         return torch.ops.aten._flash_attention_backward.default(
-            do, q, k, v, out, lse, cu_q if cu_q is not None else empty, cu_k if cu_k is not None else empty,
-            max_q, max_k, spec.dropout_p, causal, rng, unused, **kw,
+            do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, spec.dropout_p, causal, rng, unused, **kw,
         )
 
     def forward(self, spec, q, k, v, mask):
@@ -159,12 +174,11 @@ class EfficientKernel(Kernel):
         return 1 if spec.causal_align == "top_left" else 2
 
     def forward(self, spec, q, k, v, mask):
-        t = lambda x: x.transpose(1, 2)
         bias = additive(mask, q.dtype)
         if bias is not None:
             bias = bias.expand(spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
         out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward.default(
-            t(q), t(k), t(v), bias, None, None, spec.seqlen_q, spec.seqlen_k, spec.dropout_p,
+            _bshd(q), _bshd(k), _bshd(v), bias, None, None, spec.seqlen_q, spec.seqlen_k, spec.dropout_p,
             self._mask_type(spec), True, scale=spec.scale,
         )
         rng = _rng(seed, offset, q.device) if spec.dropout_p > 0 else empty_rng(q.device)
@@ -177,12 +191,13 @@ class EfficientKernel(Kernel):
             bias = bias.expand(spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
         pad = (-spec.seqlen_q) % 32
         lse_k = F.pad(lse, (0, pad)) if pad else lse
+        # Outside CUDA-graph capture this kernel keeps its philox state on the host.
         if spec.dropout_p > 0:
-            seed, offset = rng_state[0], rng_state[1]
+            seed, offset = rng_state.cpu().unbind()
         else:
-            seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
+            seed = offset = torch.zeros((), dtype=torch.int64)
         dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward.default(
-            t(grad_out), t(q), t(k), t(v), bias, t(out), None, None, spec.seqlen_q, spec.seqlen_k,
+            _bshd(grad_out), _bshd(q), _bshd(k), _bshd(v), bias, _bshd(out), None, None, spec.seqlen_q, spec.seqlen_k,
             lse_k, spec.dropout_p, seed, offset, self._mask_type(spec), False, scale=spec.scale,
         )
         return t(dq), t(dk), t(dv)

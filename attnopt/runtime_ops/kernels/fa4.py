@@ -53,6 +53,8 @@ class FA4Kernel(Kernel):
             return "causal/window bands are bottom-right aligned in this kernel"
         if spec.dim_qk % 8 or spec.dim_v % 8 or spec.dim_qk > 256 or spec.dim_v > 256:
             return "head dims must be multiples of 8 up to 256"
+        if spec.heads_q != spec.heads_kv and spec.dim_qk != spec.dim_v:
+            return "GQA backward needs equal q/k and v head dims"
         major, _ = torch.cuda.get_device_capability(spec.device)
         try:
             _interface()._validate_head_dims(spec.dim_qk, spec.dim_v, major, 16 // (torch.finfo(spec.dtype).bits // 8))

@@ -1,0 +1,14 @@
+"""attnopt: find attention in PyTorch graphs and lower it to one fused, layout-native op.
+
+    model = torch.compile(model, backend="attnopt")
+    ep = attnopt.optimize(torch.export.export(model, args))
+"""
+from . import runtime_ops
+from .backend import backend
+from .export import optimize
+from .passes import PassResult, SiteReport, optimize_graph
+from .runtime_ops import attention
+
+__version__ = "0.1.0"
+
+__all__ = ["PassResult", "SiteReport", "attention", "backend", "optimize", "optimize_graph", "runtime_ops"]

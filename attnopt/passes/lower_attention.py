@@ -1,0 +1,119 @@
+"""Lower recognised attention sites to ``torch.ops.attnopt.attention``.
+
+The op reads q, k and v as produced (the layout chain and K/V repetition the site stripped are
+not replayed), and writes the output in the layout its consumers read, so the transposes,
+``.contiguous()`` copies and ``repeat_kv`` expansions around attention become dead and are
+removed. Only nodes this pass made dead are erased.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from ..patterns.normalize import meta
+from ..patterns.site import AttentionSite, Operand
+
+aten = torch.ops.aten
+_COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "seq_nr")
+
+
+@dataclass
+class Lowered:
+    """What one lowering did: the new op node and the nodes it removed."""
+
+    node: Node
+    removed: list[str] = field(default_factory=list)
+
+
+def _meta_key(gm: GraphModule) -> str:
+    for n in gm.graph.nodes:
+        if "val" in n.meta:
+            return "val"
+        if "example_value" in n.meta:
+            return "example_value"
+    return "val"
+
+
+def _fake_eval(node: Node, key: str) -> None:
+    """Record the node's fake value, computed with the graph's own fake mode."""
+    args = map_arg(node.args, meta)
+    kwargs = map_arg(node.kwargs, meta)
+    flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, FakeTensor)]
+    if not flat:
+        return
+    with flat[0].fake_mode:
+        node.meta[key] = node.target(*args, **kwargs)
+
+
+def _in_layout(gm: GraphModule, op: Operand, layout: str, key: str, site: AttentionSite) -> Node:
+    """``op.source`` viewed in ``layout`` (a permute view when its axes are ordered otherwise)."""
+    if op.dims == layout:
+        return op.source
+    perm = [op.dims.index(axis) for axis in layout]
+    node = gm.graph.call_function(aten.permute.default, (op.source, perm))
+    _stamp(node, site, key)
+    return node
+
+
+def _stamp(node: Node, site: AttentionSite, key: str) -> None:
+    for k in _COPIED_META:
+        if k in site.node.meta:
+            node.meta[k] = site.node.meta[k]
+    _fake_eval(node, key)
+
+
+def _erase_if_dead(gm: GraphModule, candidates: list[Node]) -> list[str]:
+    removed = []
+    for node in sorted(set(candidates), key=_order(gm), reverse=True):
+        if not node.users and node.graph is gm.graph:
+            removed.append(node.name)
+            gm.graph.erase_node(node)
+    return removed
+
+
+def _order(gm: GraphModule):
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: index.get(n, -1)
+
+
+def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> Lowered:
+    """Replace ``site`` by one attnopt.attention call; return the new node and what was removed."""
+    key = _meta_key(gm)
+    layout = site.query.dims
+    out_use = site.output
+    kwargs: dict[str, Any] = {"layout": layout}
+    if out_use.layout != layout:
+        kwargs["out_layout"] = out_use.layout
+    if site.attn_mask is not None:
+        kwargs["attn_mask"] = site.attn_mask
+    if isinstance(site.dropout_p, Node) or site.dropout_p:
+        kwargs["dropout_p"] = site.dropout_p
+    if site.is_causal:
+        kwargs["is_causal"] = True
+    if site.scale is not None:
+        kwargs["scale"] = site.scale
+    if kernel != "auto":
+        kwargs["kernel_name"] = kernel
+    with gm.graph.inserting_before(site.node):
+        k = _in_layout(gm, site.key, layout, key, site)
+        v = _in_layout(gm, site.value, layout, key, site)
+        call = gm.graph.call_function(torch.ops.attnopt.attention.default, (site.query.source, k, v), kwargs)
+        _stamp(call, site, key)
+        out = gm.graph.call_function(operator.getitem, (call, 0))
+        _stamp(out, site, key)
+    out_use.node.replace_all_uses_with(out)
+    chain = set(out_use.skipped)
+    if any(u not in chain for u in site.node.users):  # something else reads [B, H, S, D]: a view
+        with gm.graph.inserting_after(out):
+            inverse = [out_use.layout.index(a) for a in "bhsd"]
+            view = gm.graph.call_function(aten.permute.default, (out, inverse))
+            _stamp(view, site, key)
+        site.node.replace_all_uses_with(view, delete_user_cb=lambda u: u not in chain)
+    dead = [site.node, *out_use.skipped, *site.query.skipped, *site.key.skipped, *site.value.skipped]
+    return Lowered(call, _erase_if_dead(gm, dead))

@@ -1,0 +1,117 @@
+"""Run attnopt's passes on a graph, falling back to the original graph on any error.
+
+Shared by the torch.compile backend and ``attnopt.optimize`` so both IR levels get the same
+rewrites and the same report.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+from torch.fx import Graph, GraphModule
+
+from ..patterns import AttentionSite, find_sdpa_sites
+from ..patterns.normalize import shape
+from .lower_attention import lower_to_op
+
+log = logging.getLogger("attnopt")
+
+
+@dataclass
+class SiteReport:
+    """One attention site: where it is, what was found, what was done or why not."""
+
+    name: str
+    kind: str
+    status: str  # "lowered" or "skipped"
+    reason: Optional[str] = None
+    module: Optional[str] = None
+    location: Optional[str] = None
+    layout: Optional[str] = None  # q layout as produced
+    kv_layout: Optional[str] = None
+    out_layout: Optional[str] = None
+    gqa_group: int = 1
+    heads: Optional[tuple] = None  # (Hq, Hkv)
+    head_dims: Optional[tuple] = None  # (Dqk, Dv)
+    is_causal: bool = False
+    has_mask: bool = False
+    dropout_p: Union[float, str] = 0.0  # str: the graph value holding a symbolic dropout
+    removed: list[str] = field(default_factory=list)
+    new_node: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PassResult:
+    """The sites a run found, in graph order, and whether the run fell back."""
+
+    sites: list[SiteReport] = field(default_factory=list)
+    error: Optional[str] = None
+
+    @property
+    def lowered(self) -> int:
+        return sum(s.status == "lowered" for s in self.sites)
+
+
+def _describe(site: AttentionSite) -> SiteReport:
+    rep = SiteReport(site.name, site.kind, "skipped" if site.skip_reason else "lowered", site.skip_reason,
+                     site.module_path, site.source_location, has_mask=site.attn_mask is not None)
+    if site.query is None:
+        return rep
+    q, k, v = site.query, site.key, site.value
+    qs, ks, vs = shape(q.source), shape(k.source), shape(v.source)
+    rep.layout, rep.gqa_group = q.dims, k.group
+    rep.kv_layout = k.dims if k.dims == v.dims else f"{k.dims}/{v.dims}"
+    rep.heads = (qs[q.dims.index("h")], ks[k.dims.index("h")])
+    rep.head_dims = (qs[-1] if q.dims[-1] == "d" else None, vs[v.dims.index("d")])
+    rep.heads = tuple(int(h) if isinstance(h, int) else str(h) for h in rep.heads)
+    rep.head_dims = tuple(int(d) if isinstance(d, int) else str(d) for d in rep.head_dims)
+    rep.is_causal = site.is_causal
+    rep.dropout_p = site.dropout_p if isinstance(site.dropout_p, float) else str(site.dropout_p)
+    rep.out_layout = site.output.layout if site.output else None
+    return rep
+
+
+def _copy(gm: GraphModule) -> GraphModule:
+    """A GraphModule sharing gm's parameters and submodules but owning a fresh graph."""
+    graph = Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = GraphModule(gm, graph, gm.__class__.__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
+def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = False) -> tuple[GraphModule, PassResult]:
+    """Lower every provable attention site of ``gm``. Returns (new module, report).
+
+    On an error the original ``gm`` is returned with a warning (an exception when strict).
+    """
+    result = PassResult()
+    try:
+        work = _copy(gm)
+        for site in find_sdpa_sites(work.graph):
+            rep = _describe(site)
+            if site.skip_reason is None:
+                done = lower_to_op(work, site, kernel)
+                rep.removed, rep.new_node = done.removed, done.node.name
+            result.sites.append(rep)
+        work.graph.lint()
+        work.recompile()
+    except Exception as e:  # noqa: BLE001 - a pass failure must never break the user's compile
+        if strict:
+            raise
+        warnings.warn(f"attnopt: passes failed, graph left unchanged: {type(e).__name__}: {e}", stacklevel=2)
+        return gm, PassResult(error=f"{type(e).__name__}: {e}")
+    log.info("attnopt: lowered %d of %d attention sites", result.lowered, len(result.sites))
+    for s in result.sites:
+        if s.status == "skipped":
+            log.info("attnopt: left %s as written: %s", s.name, s.reason)
+    return work, result
+
+
+__all__ = ["PassResult", "SiteReport", "optimize_graph"]

@@ -1,0 +1,82 @@
+"""Recognise ``scaled_dot_product_attention`` calls and the layout chains around them."""
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+from .layout_chain import KERNEL_LAYOUTS, trace_operand, trace_output
+from .normalize import meta, sdpa_args, shape
+from .site import AttentionSite, Operand
+
+
+def _fallback(node: Node) -> Operand:
+    """The operand read as SDPA sees it: [B, H, S, D], no chain crossed."""
+    return Operand(node, "bhsd")
+
+
+def _operands(args: dict) -> tuple[Operand, Operand, Operand]:
+    q = trace_operand(args["query"], strip_repeat=False)
+    k, v = trace_operand(args["key"]), trace_operand(args["value"])
+    if k.group != v.group:  # only strip repetition that K and V share
+        k, v = trace_operand(args["key"], strip_repeat=False), trace_operand(args["value"], strip_repeat=False)
+    if q.dims not in KERNEL_LAYOUTS:
+        q = _fallback(args["query"])
+    if k.dims not in KERNEL_LAYOUTS or v.dims not in KERNEL_LAYOUTS:
+        k, v = _fallback(args["key"]), _fallback(args["value"])
+    return q, k, v
+
+
+def _symbolic_number(arg) -> bool:
+    """A graph value standing for a Python number (Dynamo's symbolic float/int), not a tensor."""
+    return isinstance(arg, Node) and isinstance(meta(arg), (torch.SymFloat, torch.SymInt))
+
+
+def _check(site: AttentionSite, args: dict) -> str | None:
+    for name in ("is_causal", "enable_gqa"):
+        if isinstance(args[name], Node):
+            return f"{name} is computed in the graph, not a constant"
+    for name in ("dropout_p", "scale"):
+        if isinstance(args[name], Node) and not _symbolic_number(args[name]):
+            return f"{name} is computed in the graph from a tensor"
+    vals = [meta(args[n]) for n in ("query", "key", "value")]
+    if any(not isinstance(v, torch.Tensor) for v in vals):
+        return "q/k/v carry no shape metadata"
+    if any(v.dim() != 4 for v in vals):
+        return "q/k/v are not 4-D [B, H, S, D] tensors"
+    if not all(v.is_floating_point() for v in vals):
+        return "q/k/v are not floating point"
+    mask = args["attn_mask"]
+    if mask is not None:
+        if not isinstance(mask, Node) or not isinstance(meta(mask), torch.Tensor):
+            return "attn_mask is not a tensor in the graph"
+        if meta(mask).requires_grad:
+            return "attn_mask requires grad (a learned bias); the fused op does not differentiate masks"
+    hq, hk = shape(site.query.source)[site.query.dims.index("h")], shape(site.key.source)[site.key.dims.index("h")]
+    hq_sdpa, hk_sdpa = vals[0].shape[1], vals[1].shape[1]
+    if not args["enable_gqa"] and hk_sdpa != hq_sdpa:
+        return f"SDPA would reject {hq_sdpa} query heads with {hk_sdpa} key heads"
+    if hq % hk != 0:
+        return f"{hq} query heads are not a multiple of {hk} key/value heads"
+    return None
+
+
+def find_sdpa_sites(graph: Graph) -> list[AttentionSite]:
+    """Every SDPA call in ``graph``, with operands traced to their sources where provable."""
+    sites = []
+    for node in graph.nodes:
+        args = sdpa_args(node)
+        if args is None:
+            continue
+        site = AttentionSite(node, "sdpa", attn_mask=args["attn_mask"])
+        sites.append(site)
+        if any(isinstance(args[n], Node) and not _symbolic_number(args[n]) for n in ("dropout_p", "is_causal",
+                                                                                       "scale", "enable_gqa")):
+            site.skip_reason = _check(site, args)
+            continue
+        site.query, site.key, site.value = _operands(args)
+        site.skip_reason = _check(site, args)
+        if site.skip_reason:
+            continue
+        site.dropout_p, site.is_causal, site.scale = args["dropout_p"], bool(args["is_causal"]), args["scale"]
+        site.output = trace_output(node)
+    return sites

@@ -1,0 +1,69 @@
+"""The canonical description of an attention site, shared by every recogniser and pass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from torch.fx import Node
+
+
+@dataclass
+class Operand:
+    """How q, k or v reaches attention: ``source`` as produced, read with ``dims`` axis labels.
+
+    ``dims`` names the source's axes in b/h/s/d terms ("bshd": a [B, S, H, D] tensor). ``group``
+    is the K/V head repetition stripped on the way (1 when none): attention head h reads
+    source head h // group. ``skipped`` are the layout/repeat nodes between source and use.
+    """
+
+    source: Node
+    dims: str
+    group: int = 1
+    skipped: list[Node] = field(default_factory=list)
+
+
+@dataclass
+class OutputUse:
+    """Where the attention output is consumed: ``node`` equals the output in ``layout``."""
+
+    node: Node
+    layout: str
+    skipped: list[Node] = field(default_factory=list)
+
+
+@dataclass
+class AttentionSite:
+    """One attention call found in a graph, and what a lowering needs to rewrite it."""
+
+    node: Node  # the SDPA call (or the last node of a hand-written chain)
+    kind: str  # "sdpa"
+    query: Optional[Operand] = None
+    key: Optional[Operand] = None
+    value: Optional[Operand] = None
+    output: Optional[OutputUse] = None
+    attn_mask: Optional[Node] = None
+    dropout_p: Union[float, Node] = 0.0  # a Node when Dynamo made the number symbolic
+    is_causal: bool = False
+    scale: Union[float, Node, None] = None
+    skip_reason: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def source_location(self) -> Optional[str]:
+        trace = self.node.meta.get("stack_trace")
+        if not trace:
+            return None
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+        return lines[-1] if lines else None
+
+    @property
+    def module_path(self) -> Optional[str]:
+        stack = self.node.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)

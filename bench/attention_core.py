@@ -1,0 +1,101 @@
+"""Attention core as transformers writes it, forward+backward: eager vs Inductor vs attnopt.
+
+From the q/k/v projections ([B, S, H*D]) to the output projection's input: view, transpose,
+repeat_kv of K/V, SDPA with is_causal, transpose back, contiguous, reshape. The "views +
+enable_gqa" row is the same attention written by hand in its best form, for reference.
+
+    python bench/attention_core.py            # Llama-3-8B: B=2 S=4096 Hq=32 Hkv=8 D=128 bf16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attnopt  # noqa: E402
+from attnopt.demo_model import repeat_kv  # noqa: E402
+from common import environment, peak_mib, time_ms, write_json  # noqa: E402
+
+
+def hf_core(q, k, v, heads, kv_heads):
+    b, s, _ = q.shape
+    d = q.shape[-1] // heads
+    q = q.view(b, s, heads, d).transpose(1, 2)
+    k = k.view(b, s, kv_heads, d).transpose(1, 2)
+    v = v.view(b, s, kv_heads, d).transpose(1, 2)
+    k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return o.transpose(1, 2).contiguous().reshape(b, s, -1)
+
+
+def best_form(q, k, v, heads, kv_heads):
+    b, s, _ = q.shape
+    d = q.shape[-1] // heads
+    q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return o.transpose(1, 2).reshape(b, s, -1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--iters", type=int, default=30)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("attention_core.py times CUDA kernels; no CUDA device is visible")
+    torch.manual_seed(0)
+    b, s, h, hkv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(b, s, h * d, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(b, s, hkv * d, device=dev, dtype=dt, requires_grad=True)
+    v = torch.randn(b, s, hkv * d, device=dev, dtype=dt, requires_grad=True)
+    grad = torch.randn(b, s, h * d, device=dev, dtype=dt)
+
+    variants = {
+        "eager": lambda *t: hf_core(*t, h, hkv),
+        "inductor": torch.compile(lambda *t: hf_core(*t, h, hkv)),
+        "attnopt": torch.compile(lambda *t: hf_core(*t, h, hkv), backend="attnopt"),
+        "attnopt, cuDNN forced": torch.compile(lambda *t: hf_core(*t, h, hkv), backend=attnopt.backend(kernel="cudnn")),
+        "views + enable_gqa (inductor)": torch.compile(lambda *t: best_form(*t, h, hkv)),
+    }
+    with torch.no_grad():
+        ref_out = hf_core(q.float(), k.float(), v.float(), h, hkv).cpu()
+    rows = []
+    for name, fn in variants.items():
+        def step(fn=fn):
+            for t in (q, k, v):
+                t.grad = None
+            fn(q, k, v).backward(grad)
+
+        with attnopt.runtime_ops.trace_kernels() as calls:
+            out = fn(q, k, v).float().cpu()
+        err = float((out - ref_out).norm() / ref_out.norm())
+        del out
+        t = time_ms(step, iters=args.iters)
+        mem = peak_mib(step)
+        kernels = sorted({c.kernel for c in calls}) or ["(torch SDPA)"]
+        rows.append({"variant": name, **t, "peak_mib": mem, "rel_err": err, "attnopt_kernel": ",".join(kernels)})
+
+    env = environment()
+    print(f"\nattention core fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16 causal")
+    print(f"{env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} flash-attn-4 {env['flash_attn_4']}")
+    base = next(r for r in rows if r["variant"] == "inductor")
+    print(f"{'variant':32} {'median ms':>9} {'min':>7} {'max':>7} {'peak MiB':>9} {'vs inductor':>11} {'rel err':>8} kernel")
+    for r in rows:
+        speed = base["median_ms"] / r["median_ms"]
+        print(f"{r['variant']:32} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['max_ms']:7.3f} {r['peak_mib']:9.0f} "
+              f"{speed:10.2f}x {r['rel_err']:8.1e} {r['attnopt_kernel']}")
+    path = write_json("attention_core", {"env": env, "shape": vars(args), "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
