@@ -38,6 +38,16 @@ def test_opcheck(variant: Variant):
     torch.library.opcheck(torch.ops.attnopt.attention.default, args, kwargs)
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.name in ("gqa", "mla_gqa", "sbhd_to_bshd", "thd",
+                                                                     "bool_mask", "window")], ids=lambda v: v.name)
+def test_opcheck_backward_op(variant: Variant):
+    q, k, v, kw = make_inputs(variant, torch.float32, "cpu", requires_grad=False)
+    kwargs = {k_: (list(v_) if k_ == "window_size" else v_) for k_, v_ in kw.items()}
+    out, lse, rng = torch.ops.attnopt.attention.default(q, k, v, **kwargs)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.attnopt.attention_backward.default, (grad, out, lse, rng, q, k, v), kwargs)
+
+
 def test_auto_policy_on_cpu_prefers_fused_kernel():
     q, k, v, kw = make_inputs(Variant("gqa", heads_q=8, heads_kv=2, is_causal=True), torch.float32, "cpu")
     assert R.kernel_for(q, k, v, **kw) == "cpu_flash"
