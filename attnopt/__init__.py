@@ -2,13 +2,16 @@
 
     model = torch.compile(model, backend="attnopt")
     ep = attnopt.optimize(torch.export.export(model, args))
+    print(attnopt.explain(model, *args))
 """
 from . import runtime_ops
 from .backend import backend
+from .explain import ExplainReport, explain
 from .export import optimize
 from .passes import PassResult, SiteReport, optimize_graph
 from .runtime_ops import attention
 
 __version__ = "0.1.0"
 
-__all__ = ["PassResult", "SiteReport", "attention", "backend", "optimize", "optimize_graph", "runtime_ops"]
+__all__ = ["ExplainReport", "PassResult", "SiteReport", "attention", "backend", "explain", "optimize", "optimize_graph",
+           "runtime_ops"]

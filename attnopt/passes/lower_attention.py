@@ -68,6 +68,33 @@ def _stamp(node: Node, site: AttentionSite, key: str) -> None:
     _fake_eval(node, key)
 
 
+def _seqused(gm: GraphModule, site: AttentionSite, key: str) -> Node:
+    """int32 [B] key lengths P[0] + e from the key limit k < P[q] + e of a single-query site."""
+    positions, extra = site.extra["key_limit"]
+    batch = meta(site.query.source).shape[site.query.dims.index("b")]
+    first = gm.graph.call_function(aten.slice.Tensor, (positions, 0, 0, 1))
+    steps = [first]
+    if extra:
+        steps.append(gm.graph.call_function(aten.add.Tensor, (steps[-1], extra)))
+    steps.append(gm.graph.call_function(aten._to_copy.default, (steps[-1],), {"dtype": torch.int32}))
+    steps.append(gm.graph.call_function(aten.expand.default, (steps[-1], [batch])))
+    steps.append(gm.graph.call_function(aten.clone.default, (steps[-1],), {"memory_format": torch.contiguous_format}))
+    for node in steps:
+        _stamp(node, site, key)
+    return steps[-1]
+
+
+def _chunk_shape(t: Node, chunk: int) -> list:
+    b, s, h, d = meta(t).shape
+    return [b * (s // chunk), chunk, h, d]
+
+
+def _reshape(gm: GraphModule, t: Node, shape: list, key: str, site: AttentionSite) -> Node:
+    node = gm.graph.call_function(aten.reshape.default, (t, shape))
+    _stamp(node, site, key)
+    return node
+
+
 def _erase_if_dead(gm: GraphModule, candidates: list[Node]) -> list[str]:
     removed = []
     for node in sorted(set(candidates), key=_order(gm), reverse=True):
@@ -90,23 +117,40 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
     kwargs: dict[str, Any] = {"layout": layout}
     if out_use.layout != layout:
         kwargs["out_layout"] = out_use.layout
-    if site.attn_mask is not None:
-        kwargs["attn_mask"] = site.attn_mask
+    mask = site.attn_mask
     if isinstance(site.dropout_p, Node) or site.dropout_p:
         kwargs["dropout_p"] = site.dropout_p
     if site.is_causal:
         kwargs["is_causal"] = True
+    if site.causal_align != "top_left":
+        kwargs["causal_align"] = site.causal_align
+    if site.window != (-1, -1):
+        kwargs["window_size"] = list(site.window)
     if site.scale is not None:
         kwargs["scale"] = site.scale
     if kernel != "auto":
         kwargs["kernel_name"] = kernel
     with gm.graph.inserting_before(site.node):
+        if mask is not None and site.extra.get("mask_negated"):  # masked_fill(m, -inf) keeps ~m
+            mask = gm.graph.call_function(aten.logical_not.default, (mask,))
+            _stamp(mask, site, key)
+        if mask is not None:
+            kwargs["attn_mask"] = mask
+        if site.extra.get("key_limit"):
+            kwargs["seqused_k"] = _seqused(gm, site, key)
+        q = site.query.source
         k = _in_layout(gm, site.key, layout, key, site)
         v = _in_layout(gm, site.value, layout, key, site)
-        call = gm.graph.call_function(torch.ops.attnopt.attention.default, (site.query.source, k, v), kwargs)
+        chunk = site.extra.get("chunk")
+        if chunk:  # chunks as batches: [B, S, H, D] -> [B * S/C, C, H, D], a view for projections
+            q, k, v = (_reshape(gm, t, _chunk_shape(t, chunk), key, site) for t in (q, k, v))
+        call = gm.graph.call_function(torch.ops.attnopt.attention.default, (q, k, v), kwargs)
         _stamp(call, site, key)
         out = gm.graph.call_function(operator.getitem, (call, 0))
         _stamp(out, site, key)
+        if chunk:
+            b, s = meta(site.query.source).shape[:2]
+            out = _reshape(gm, out, [b, s, *meta(out).shape[2:]], key, site)
     out_use.node.replace_all_uses_with(out)
     chain = set(out_use.skipped)
     if any(u not in chain for u in site.node.users):  # something else reads [B, H, S, D]: a view
@@ -115,5 +159,6 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
             view = gm.graph.call_function(aten.permute.default, (out, inverse))
             _stamp(view, site, key)
         site.node.replace_all_uses_with(view, delete_user_cb=lambda u: u not in chain)
-    dead = [site.node, *out_use.skipped, *site.query.skipped, *site.key.skipped, *site.value.skipped]
+    dead = [site.node, *out_use.skipped, *site.query.skipped, *site.key.skipped, *site.value.skipped,
+            *site.extra.get("chain", [])]
     return Lowered(call, _erase_if_dead(gm, dead))

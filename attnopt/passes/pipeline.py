@@ -12,11 +12,24 @@ from typing import Optional, Union
 
 from torch.fx import Graph, GraphModule
 
+from ..accounting import annotate
 from ..patterns import AttentionSite, find_sdpa_sites
+from ..patterns.hand_written import find_hand_written_sites
 from ..patterns.normalize import shape
 from .lower_attention import lower_to_op
+from .lower_portable import lower_to_sdpa, sdpa_causal
+from .recover_mask import erase_dead_masks, recover_mask
 
 log = logging.getLogger("attnopt")
+TARGETS = ("op", "portable")
+
+
+def check_target(target: str, kernel: str) -> None:
+    """Reject a lowering target that does not exist, or a forced kernel the target cannot honour."""
+    if target not in TARGETS:
+        raise ValueError(f"attnopt: target must be one of {TARGETS}, got {target!r}")
+    if target == "portable" and kernel != "auto":
+        raise ValueError(f"attnopt: target='portable' emits plain SDPA, which cannot force kernel={kernel!r}")
 
 
 @dataclass
@@ -40,6 +53,10 @@ class SiteReport:
     dropout_p: Union[float, str] = 0.0  # str: the graph value holding a symbolic dropout
     removed: list[str] = field(default_factory=list)
     new_node: Optional[str] = None
+    mask: Optional[str] = None  # what the explicit mask was proven to be, and what became of it
+    copies_removed: int = 0  # removed nodes that materialised memory, per forward call
+    bytes_removed: Optional[int] = 0  # what those copies wrote; None when a size is unknown
+    kernel: Optional[str] = None  # the kernel the new op picks on its inputs' device and shapes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +68,7 @@ class PassResult:
 
     sites: list[SiteReport] = field(default_factory=list)
     error: Optional[str] = None
+    masks_removed: list[str] = field(default_factory=list)  # mask-building nodes left unused
 
     @property
     def lowered(self) -> int:
@@ -64,6 +82,8 @@ def _describe(site: AttentionSite) -> SiteReport:
         return rep
     q, k, v = site.query, site.key, site.value
     qs, ks, vs = shape(q.source), shape(k.source), shape(v.source)
+    if any(s is None or len(s) != len(op.dims) for s, op in ((qs, q), (ks, k), (vs, v))):
+        return rep  # skipped for its shapes: nothing more to describe
     rep.layout, rep.gqa_group = q.dims, k.group
     rep.kv_layout = k.dims if k.dims == v.dims else f"{k.dims}/{v.dims}"
     rep.heads = (qs[q.dims.index("h")], ks[k.dims.index("h")])
@@ -86,22 +106,43 @@ def _copy(gm: GraphModule) -> GraphModule:
     return new
 
 
-def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = False) -> tuple[GraphModule, PassResult]:
+def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = False,
+                   target: str = "op") -> tuple[GraphModule, PassResult]:
     """Lower every provable attention site of ``gm``. Returns (new module, report).
 
+    ``target`` "op" lowers to ``torch.ops.attnopt.attention``; "portable" to plain SDPA on strided
+    views with ``enable_gqa`` (ATen ops only, for programs that must load without attnopt).
     On an error the original ``gm`` is returned with a warning (an exception when strict).
     """
+    check_target(target, kernel)
     result = PassResult()
     try:
         work = _copy(gm)
-        for site in find_sdpa_sites(work.graph):
+        masks = []
+        order = {n: i for i, n in enumerate(work.graph.nodes)}
+        found = find_sdpa_sites(work.graph) + find_hand_written_sites(work.graph)
+        for site in sorted(found, key=lambda s: order[s.node]):
+            written_mask = site.attn_mask
+            if site.skip_reason is None and site.attn_mask is not None:
+                masks.append(site.attn_mask)
+                mask_note = recover_mask(site)
+            else:
+                mask_note = None
             rep = _describe(site)
+            rep.mask = mask_note
             if site.skip_reason is None:
-                done = lower_to_op(work, site, kernel)
+                if target == "op":
+                    done = lower_to_op(work, site, kernel)
+                else:
+                    done = lower_to_sdpa(work, site, written_mask)
+                    if sdpa_causal(site) is None:
+                        rep.has_mask, rep.mask = True, f"{rep.mask}; kept as written: SDPA has no such band"
                 rep.removed, rep.new_node = done.removed, done.node.name
             result.sites.append(rep)
+        result.masks_removed = erase_dead_masks(work, masks)
         work.graph.lint()
         work.recompile()
+        annotate(gm, work, result)
     except Exception as e:  # noqa: BLE001 - a pass failure must never break the user's compile
         if strict:
             raise
@@ -114,4 +155,4 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
     return work, result
 
 
-__all__ = ["PassResult", "SiteReport", "optimize_graph"]
+__all__ = ["TARGETS", "PassResult", "SiteReport", "check_target", "optimize_graph"]

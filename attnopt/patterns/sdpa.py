@@ -4,26 +4,9 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from .layout_chain import KERNEL_LAYOUTS, trace_operand, trace_output
 from .normalize import meta, sdpa_args, shape
-from .site import AttentionSite, Operand
-
-
-def _fallback(node: Node) -> Operand:
-    """The operand read as SDPA sees it: [B, H, S, D], no chain crossed."""
-    return Operand(node, "bhsd")
-
-
-def _operands(args: dict) -> tuple[Operand, Operand, Operand]:
-    q = trace_operand(args["query"], strip_repeat=False)
-    k, v = trace_operand(args["key"]), trace_operand(args["value"])
-    if k.group != v.group:  # only strip repetition that K and V share
-        k, v = trace_operand(args["key"], strip_repeat=False), trace_operand(args["value"], strip_repeat=False)
-    if q.dims not in KERNEL_LAYOUTS:
-        q = _fallback(args["query"])
-    if k.dims not in KERNEL_LAYOUTS or v.dims not in KERNEL_LAYOUTS:
-        k, v = _fallback(args["key"]), _fallback(args["value"])
-    return q, k, v
+from .operands import trace_operands
+from .site import AttentionSite
 
 
 def _symbolic_number(arg) -> bool:
@@ -73,10 +56,10 @@ def find_sdpa_sites(graph: Graph) -> list[AttentionSite]:
                                                                                        "scale", "enable_gqa")):
             site.skip_reason = _check(site, args)
             continue
-        site.query, site.key, site.value = _operands(args)
+        site.query, site.key, site.value, output = trace_operands(node, args["query"], args["key"], args["value"])
         site.skip_reason = _check(site, args)
         if site.skip_reason:
             continue
         site.dropout_p, site.is_causal, site.scale = args["dropout_p"], bool(args["is_causal"]), args["scale"]
-        site.output = trace_output(node)
+        site.output = output
     return sites

@@ -44,6 +44,8 @@ class AttentionSite:
     attn_mask: Optional[Node] = None
     dropout_p: Union[float, Node] = 0.0  # a Node when Dynamo made the number symbolic
     is_causal: bool = False
+    causal_align: str = "top_left"  # where the causal/window diagonal sits when Sq != Sk
+    window: tuple[int, int] = (-1, -1)  # (left, right) around that diagonal; -1 = unbounded
     scale: Union[float, Node, None] = None
     skip_reason: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -27,7 +27,7 @@ _ARGS = (
     "Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0., "
     'bool is_causal=False, float? scale=None, str layout="bhsd", str? out_layout=None, '
     'str causal_align="top_left", int[2] window_size=[-1, -1], Tensor? cu_seqlens_q=None, '
-    'Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, str kernel_name="auto"'
+    'Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, str kernel_name="auto", Tensor? seqused_k=None'
 )
 
 
@@ -66,9 +66,9 @@ def _record(direction: str, kernel: str, spec: AttnSpec) -> None:
 
 
 def _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-          window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttnSpec:
+          window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None) -> AttnSpec:
     return build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout,
-                      causal_align, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                      causal_align, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
 
 
 def _varlen_spec(spec: AttnSpec, q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor) -> tuple[AttnSpec, list[int], list[int]]:
@@ -118,6 +118,23 @@ def _backward_varlen(kern, spec, offs_q, offs_k, grad_out, q, k, v, out, lse, rn
     return dq, dk, dv
 
 
+def _key_lengths(kern: kernels.Kernel, spec: AttnSpec, attn_mask, seqused_k) -> tuple[AttnSpec, dict]:
+    """Kernel arguments for per-batch key lengths: native ``seqused_k``, or folded into the mask."""
+    if seqused_k is None:
+        return spec, {"mask": attn_mask}
+    if kern.seqused_native:
+        return spec, {"mask": attn_mask, "seqused_k": seqused_k}
+    keep = torch.arange(spec.seqlen_k, device=seqused_k.device) < seqused_k[:, None]
+    keep = keep[:, None, None, :]
+    if attn_mask is None:
+        mask = keep
+    elif attn_mask.dtype == torch.bool:
+        mask = attn_mask & keep
+    else:
+        mask = attn_mask.masked_fill(~keep, float("-inf"))
+    return dataclasses.replace(spec, seqused=False, mask_dtype=mask.dtype), {"mask": mask}
+
+
 def _select(spec: AttnSpec, kernel: str) -> kernels.Kernel:
     kern = kernels.select(spec, kernel)
     if spec.varlen and not kern.varlen_native and spec.dropout_p > 0:
@@ -135,9 +152,9 @@ torch.library.define("attnopt::attention_backward",
 @torch.library.impl("attnopt::attention", "CompositeExplicitAutograd")
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, layout="bhsd",
                out_layout=None, causal_align="top_left", window_size=(-1, -1), cu_seqlens_q=None,
-               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto"):
+               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto", seqused_k=None):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     if spec.varlen:
         spec, offs_q, offs_k = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     kern = _select(spec, kernel_name)
@@ -146,7 +163,8 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
         out, lse, rng = _forward_varlen(kern, spec, offs_q, offs_k, query, key, value, cu_seqlens_q, cu_seqlens_k)
     else:
         q, k, v = (t.permute(TO_BHSD[layout]) for t in (query, key, value))
-        out, lse, rng = kern.forward(spec, q, k, v, attn_mask)
+        spec, extra = _key_lengths(kern, spec, attn_mask, seqused_k)
+        out, lse, rng = kern.forward(spec, q, k, v, **extra)
         out = out.permute(FROM_BHSD[spec.out_layout])
     return out.contiguous(), lse.contiguous(), rng
 
@@ -154,9 +172,9 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 @torch.library.register_fake("attnopt::attention")
 def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     layout="bhsd", out_layout=None, causal_align="top_left", window_size=(-1, -1),
-                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto"):
+                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto", seqused_k=None):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     if kernel_name not in kernels.KERNEL_NAMES:
         raise ValueError(f"attnopt.attention: unknown kernel {kernel_name!r}; choose from {kernels.KERNEL_NAMES}")
     total_q = query.shape[0]
@@ -170,9 +188,9 @@ def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 def _attention_backward(grad_out, out, lse, rng_state, query, key, value, attn_mask=None, dropout_p=0.0,
                         is_causal=False, scale=None, layout="bhsd", out_layout=None, causal_align="top_left",
                         window_size=(-1, -1), cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                        max_seqlen_k=None, kernel_name="auto"):
+                        max_seqlen_k=None, kernel_name="auto", seqused_k=None):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     if spec.varlen:
         spec, offs_q, offs_k = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     kern = _select(spec, kernel_name)
@@ -183,7 +201,8 @@ def _attention_backward(grad_out, out, lse, rng_state, query, key, value, attn_m
     else:
         q, k, v = (t.permute(TO_BHSD[layout]) for t in (query, key, value))
         o, g = (t.permute(TO_BHSD[spec.out_layout]) for t in (out, grad_out))
-        grads = kern.backward(spec, g, q, k, v, o, lse, rng_state, attn_mask)
+        spec, extra = _key_lengths(kern, spec, attn_mask, seqused_k)
+        grads = kern.backward(spec, g, q, k, v, o, lse, rng_state, **extra)
         grads = tuple(t.permute(FROM_BHSD[layout]) for t in grads)
     return tuple(t.contiguous() for t in grads)
 
@@ -196,7 +215,11 @@ def _attention_backward_fake(grad_out, out, lse, rng_state, query, key, value, *
 
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "layout", "out_layout",
-          "causal_align", "window_size", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "kernel_name")
+          "causal_align", "window_size", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "kernel_name",
+          "seqused_k")
+
+
+_TENSOR_ARGS = ("query", "key", "value", "attn_mask", "cu_seqlens_q", "cu_seqlens_k", "seqused_k")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -207,20 +230,20 @@ def _setup_context(ctx, inputs, output) -> None:
     out, lse, rng = output
     ctx.mark_non_differentiable(lse, rng)
     ctx.save_for_backward(args["query"], args["key"], args["value"], mask, out, lse, rng,
-                          args["cu_seqlens_q"], args["cu_seqlens_k"])
-    ctx.static = {n: args[n] for n in _NAMES if n not in ("query", "key", "value", "attn_mask", "cu_seqlens_q",
-                                                           "cu_seqlens_k")}
+                          args["cu_seqlens_q"], args["cu_seqlens_k"], args["seqused_k"])
+    ctx.static = {n: args[n] for n in _NAMES if n not in _TENSOR_ARGS}
 
 
 def _backward(ctx, grad_out, grad_lse, grad_rng):
-    q, k, v, mask, out, lse, rng, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, mask, out, lse, rng, cu_q, cu_k, seqused_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.attnopt.attention_backward(
-        grad_out, out, lse, rng, q, k, v, attn_mask=mask, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **ctx.static
+        grad_out, out, lse, rng, q, k, v, attn_mask=mask, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k,
+        **ctx.static
     )
     return (dq, dk, dv) + (None,) * (len(_NAMES) - 3)
 
 
-_DEFAULTS = (None, 0.0, False, None, "bhsd", None, "top_left", [-1, -1], None, None, None, None, "auto")
+_DEFAULTS = (None, 0.0, False, None, "bhsd", None, "top_left", [-1, -1], None, None, None, None, "auto", None)
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -263,6 +286,7 @@ def attention(
     max_seqlen_q: Optional[int] = None,
     max_seqlen_k: Optional[int] = None,
     kernel: str = "auto",
+    seqused_k: Optional[Tensor] = None,
     return_lse: bool = False,
 ):
     """Fused attention on tensors in any supported layout; returns out (and lse if asked).
@@ -270,12 +294,13 @@ def attention(
     Query head h reads key/value head ``h // (Hq // Hkv)``. ``attn_mask`` is bool (True =
     attend) or additive and broadcasts to [B, Hq, Sq, Sk]. ``window_size`` is (left, right)
     around the diagonal, which ``causal_align`` puts at the top-left (SDPA) or the bottom-right
-    (flash-attn) corner when Sq != Sk. ``kernel`` forces one of ``KERNEL_NAMES`` (the op's
-    ``kernel_name`` argument).
+    (flash-attn) corner when Sq != Sk. ``seqused_k`` (int32 [B]) limits batch b to its first
+    ``seqused_k[b]`` keys (a partly filled KV cache). ``kernel`` forces one of ``KERNEL_NAMES``
+    (the op's ``kernel_name`` argument).
     """
     out, lse, _ = torch.ops.attnopt.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-        list(window_size), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kernel,
+        list(window_size), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kernel, seqused_k,
     )
     return (out, lse) if return_lse else out
 
@@ -285,10 +310,11 @@ def kernel_for(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
                out_layout: Optional[str] = None, causal_align: str = "top_left",
                window_size: Sequence[int] = (-1, -1), max_seqlen_q: Optional[int] = None,
                max_seqlen_k: Optional[int] = None, cu_seqlens_q: Optional[Tensor] = None,
-               cu_seqlens_k: Optional[Tensor] = None, kernel: str = "auto") -> str:
+               cu_seqlens_k: Optional[Tensor] = None, kernel: str = "auto",
+               seqused_k: Optional[Tensor] = None) -> str:
     """The name of the kernel :func:`attention` would run for these arguments."""
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     if spec.varlen:
         spec, _, _ = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     return _select(spec, kernel).name

@@ -47,6 +47,7 @@ class AttnSpec:
     window: tuple[int, int]
     mask_dtype: Optional[torch.dtype]
     equal_seqlens: bool = False
+    seqused: bool = False  # per-batch key lengths (seqused_k) given
 
     @property
     def varlen(self) -> bool:
@@ -97,6 +98,7 @@ def build_spec(
     cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: Optional[int],
     max_seqlen_k: Optional[int],
+    seqused_k: Optional[Tensor] = None,
 ) -> AttnSpec:
     """Validate a call and describe it. Raises ValueError naming the first problem found."""
     if layout not in LAYOUTS:
@@ -183,6 +185,14 @@ def build_spec(
                 _fail(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
         mask_dtype = attn_mask.dtype
 
+    if seqused_k is not None:
+        if layout == "thd":
+            _fail("seqused_k is for padded [B, S, H, D] key caches; packed 'thd' sequences use cu_seqlens_k")
+        if seqused_k.dtype != torch.int32 or tuple(seqused_k.shape) != (batch,):
+            _fail(f"seqused_k must be an int32 tensor of shape ({batch},), got {seqused_k.dtype} {tuple(seqused_k.shape)}")
+        if seqused_k.device != query.device:
+            _fail(f"seqused_k is on {seqused_k.device} but query is on {query.device}")
+
     return AttnSpec(
         layout=layout,
         out_layout=out_layout,
@@ -201,6 +211,7 @@ def build_spec(
         window=(left, right),
         mask_dtype=mask_dtype,
         equal_seqlens=layout != "thd" and sq == sk,
+        seqused=seqused_k is not None,
     )
 
 

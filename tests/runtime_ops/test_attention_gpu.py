@@ -88,3 +88,23 @@ def test_dropout_forward_and_backward_share_the_mask(kernel):
     lhs, rhs = (grad.float() * out.float()).sum(), (dv.float() * v.float()).sum()
     assert abs(lhs - rhs) / lhs.abs().clamp_min(1e-3) < 2e-2
     print(f"\ndropout on {kernel}: <dO,out>={lhs.item():.4f} <dV,v>={rhs.item():.4f}")
+
+
+@pytest.mark.parametrize("kernel", ["fa4", "cudnn", "efficient", "math"])
+def test_seqused_k_decode_matches_sliced_cache(kernel):
+    kern = kernels.KERNELS[kernel]
+    if kern.available(torch.device("cuda")):
+        pytest.skip(kern.available(torch.device("cuda")))
+    torch.manual_seed(0)
+    heads = 8 if kernel == "efficient" else 16  # EFFICIENT has no GQA
+    q = torch.randn(4, 1, heads, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(4, 8, 1024, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    lengths = torch.tensor([1, 300, 777, 1024], device="cuda", dtype=torch.int32)
+    with R.trace_kernels() as calls:
+        out = R.attention(q, k, v, layout="bshd", seqused_k=lengths, kernel=kernel)
+    assert {c.kernel for c in calls} == {kernel}
+    for b, n in enumerate(lengths.tolist()):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1].transpose(1, 2).float(), k[b:b + 1, :n].transpose(1, 2).float(),
+            v[b:b + 1, :n].transpose(1, 2).float(), enable_gqa=True).transpose(1, 2)
+        assert rel_err(out[b:b + 1], ref) < TOL

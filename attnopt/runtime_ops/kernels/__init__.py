@@ -7,7 +7,10 @@ computes the call exactly wins; ``math`` computes everything and always comes la
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+
+import torch
 
 from ..spec import AttnSpec
 from .base import Kernel
@@ -27,6 +30,8 @@ KERNEL_NAMES = ("auto", *KERNELS)
 
 
 def _why_not(kernel: Kernel, spec: AttnSpec) -> str | None:
+    if spec.seqused and not kernel.seqused_native:  # key lengths reach it as a mask
+        spec = dataclasses.replace(spec, seqused=False, mask_dtype=spec.mask_dtype or torch.bool)
     reason = kernel.available(spec.device)
     if reason is None:
         reason = kernel.unsupported(spec)

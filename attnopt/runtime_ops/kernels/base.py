@@ -22,6 +22,7 @@ class Kernel:
 
     name: str = ""
     varlen_native: bool = False
+    seqused_native: bool = False  # takes seqused_k itself; others get key lengths folded into the mask
 
     def available(self, device: torch.device) -> Optional[str]:
         """None when usable on this device and install, else the reason it is not."""

@@ -29,6 +29,7 @@ def _interface() -> ModuleType:
 class FA4Kernel(Kernel):
     name = "fa4"
     varlen_native = True
+    seqused_native = True
 
     def available(self, device):
         if device.type != "cuda":
@@ -70,18 +71,18 @@ class FA4Kernel(Kernel):
         return {"causal": False, "window_size_left": left if left >= 0 else None,
                 "window_size_right": right if right >= 0 else None}
 
-    def forward(self, spec, q, k, v, mask):
+    def forward(self, spec, q, k, v, mask, seqused_k=None):
         t = lambda x: x.transpose(1, 2)
         out, lse, *_ = _interface()._flash_attn_fwd(
-            t(q), t(k), t(v), softmax_scale=spec.scale, return_lse=True, **self._window(spec)
+            t(q), t(k), t(v), softmax_scale=spec.scale, return_lse=True, seqused_k=seqused_k, **self._window(spec)
         )
         return out.transpose(1, 2), lse, empty_rng(q.device)
 
-    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask, seqused_k=None) -> Grads:
         t = lambda x: x.transpose(1, 2)
         w = self._window(spec)
         dq, dk, dv = _interface()._flash_attn_bwd(
-            t(q), t(k), t(v), t(out), t(grad_out), lse, spec.scale, w.pop("causal"), 0.0, **w
+            t(q), t(k), t(v), t(out), t(grad_out), lse, spec.scale, w.pop("causal"), 0.0, seqused_k=seqused_k, **w
         )[:3]
         return t(dq), t(dk), t(dv)
 

@@ -1,0 +1,146 @@
+"""Replace an explicit attention mask by the structure it was proven to have.
+
+A mask proven to be a causal or sliding-window band (or all true) is dropped and the site gets
+``is_causal`` / ``causal_align`` / ``window_size`` instead, which the fast kernels take
+natively. Other proven structures (documents, padding, chunks) are reported and, until they
+have a lowering of their own, kept as the explicit mask: correct, slower.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..patterns.mask_structure import MaskStructure, analyse_mask
+from ..patterns.normalize import meta, op_name
+from ..patterns.site import AttentionSite
+
+
+def recover_mask(site: AttentionSite) -> Optional[str]:
+    """Rewrite ``site``'s mask fields when its mask is a band; return what was found (or None)."""
+    mask = site.attn_mask
+    if mask is None:
+        return None
+    keep, note = _keep_mask(site)
+    if keep is None:
+        return note
+    structure = analyse_mask(keep, negate=bool(site.extra.get("mask_negated")))
+    if isinstance(structure, str):
+        return structure
+    q, k = site.query, site.key
+    sq, sk = meta(q.source).shape[q.dims.index("s")], meta(k.source).shape[k.dims.index("s")]
+    found = structure.describe()
+    if structure.chunk is not None and structure.document is None and structure.padding is None:
+        why_not = _chunks_as_batches(site, structure, sq, sk)
+        if why_not is None:
+            return f"{found}: mask removed, chunks run as batches"
+        return f"{found}: kept as an explicit mask ({why_not})"
+    if structure.key_limit is not None and structure.band_only is False and _only_key_limit(structure):
+        why_not = _key_lengths(site, structure, sq)
+        if why_not is None:
+            return f"{found}: mask removed, keys limited per batch (seqused_k)"
+        return f"{found}: kept as an explicit mask ({why_not})"
+    if not structure.band_only:
+        return f"{found}: kept as an explicit mask"
+    band = structure.band(sq, sk)
+    if band is not None and meta(mask).dtype != torch.bool and not _keeps_diagonal(structure):
+        band = None
+    if band is None:
+        return f"{found}: band not expressible as a causal/window diagonal, kept as an explicit mask"
+    site.attn_mask = None
+    site.extra["mask_negated"] = False
+    site.is_causal, site.causal_align, site.window = band
+    if site.is_causal and site.window == (-1, 0):
+        site.window = (-1, -1)  # is_causal already says "nothing right of the diagonal"
+    site.extra["mask_structure"] = structure
+    return f"{found}: mask removed"
+
+
+def _chunks_as_batches(site: AttentionSite, structure: MaskStructure, sq: int, sk: int) -> Optional[str]:
+    """Turn a chunked (optionally causal-in-chunk) mask into batches of whole chunks, when the
+    sequence splits evenly and q, k, v and the output are [B, S, H, D]; else say why not."""
+    c = structure.chunk
+    if not (isinstance(sq, int) and isinstance(sk, int)) or sq != sk or sq % c:
+        return f"chunks need a static self-attention length divisible by {c}"
+    if structure.lower is not None or structure.upper not in (None, 0):
+        return "chunks with a window inside"
+    if {site.query.dims, site.key.dims, site.value.dims, site.output.layout} != {"bshd"}:
+        return "chunks as batches need [B, S, H, D] sources and output"
+    if meta(site.attn_mask).dtype != torch.bool and structure.upper is None:
+        return "additive chunk mask"
+    site.attn_mask = None
+    site.extra["mask_negated"] = False
+    site.extra["chunk"] = c
+    site.is_causal = structure.upper == 0
+    return None
+
+
+def _only_key_limit(structure: MaskStructure) -> bool:
+    return (structure.chunk is None and structure.document is None and structure.padding is None
+            and not structure.never and structure.upper is None and structure.lower is None)
+
+
+def _key_lengths(site: AttentionSite, structure: MaskStructure, sq: int) -> Optional[str]:
+    """Decode over a cache: one query that sees keys k < P[0] + e is a per-batch key length."""
+    if sq != 1:
+        return "a key limit per query needs a single query position"
+    if any(meta(op.source).requires_grad for op in (site.query, site.key, site.value)):
+        return "key lengths are lowered for inference only"
+    site.attn_mask = None
+    site.extra["mask_negated"] = False
+    site.extra["key_limit"] = structure.key_limit
+    return None
+
+
+def _keeps_diagonal(structure: MaskStructure) -> bool:
+    """Every query keeps key k == q (so no row is fully masked, where -inf and finfo.min differ)."""
+    return (structure.upper is None or structure.upper >= 0) and (structure.lower is None or structure.lower <= 0)
+
+
+def _is_zero(x: object) -> bool:
+    """0, or a graph-made zero scalar tensor (``torch.zeros(())``)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return x == 0
+    return isinstance(x, Node) and op_name(x) == "zeros" and meta(x) is not None and meta(x).numel() == 1
+
+
+def _keep_mask(site: AttentionSite) -> tuple[Optional[Node], Optional[str]]:
+    """The boolean keep-mask behind the site's mask, when there is one to analyse.
+
+    Hand-written ``masked_fill(mask, -inf)`` masks are negated keep-masks; additive masks built as
+    ``where(keep, 0, -inf or finfo.min)`` are keep-masks too (a finite minimum only differs from
+    -inf on rows with no key left, which a recovered band never has: it always keeps k == q).
+    """
+    mask = site.attn_mask
+    value = meta(mask)
+    if value.dtype == torch.bool:
+        return mask, None
+    if op_name(mask) == "where" and len(mask.args) == 3:
+        cond, zero, fill = mask.args
+        if isinstance(cond, Node) and _is_zero(zero) and isinstance(fill, float) and (
+                fill == float("-inf") or fill <= torch.finfo(value.dtype).min):
+            return cond, None
+    return None, "additive mask not built as where(keep, 0, -inf): kept as an explicit mask"
+
+
+def erase_dead_masks(gm: GraphModule, masks: list[Node]) -> list[str]:
+    """Erase the mask-building subgraphs that no attention call reads any more."""
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    pending = set()
+    stack = [m for m in masks if m.graph is gm.graph]
+    while stack:
+        n = stack.pop()
+        if n in pending or n.op not in ("call_function", "call_method"):
+            continue
+        pending.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    removed = []
+    for n in sorted(pending, key=index.get, reverse=True):
+        if not n.users and not n.is_impure():
+            removed.append(n.name)
+            gm.graph.erase_node(n)
+    return removed
+
+
+__all__ = ["MaskStructure", "erase_dead_masks", "recover_mask"]

@@ -1,0 +1,95 @@
+"""transformers' compiled attention: in-graph mask + repeat_kv, forward+backward.
+
+Under torch.compile, transformers builds an explicit boolean mask (causal AND same document,
+from position ids) and hands SDPA ``attn_mask`` with ``is_causal=False``; K/V go through
+repeat_kv. This times that core, the mask built by transformers' own ``create_causal_mask``,
+against the same attention written with ``is_causal=True, enable_gqa=True``.
+
+    python bench/masked_attention.py       # B=2 S=4096 Hq=32 Hkv=8 D=128 bf16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.masking_utils import create_causal_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attnopt  # noqa: E402
+from attention_core import best_form  # noqa: E402
+from attnopt.demo_model import repeat_kv  # noqa: E402
+from common import environment, peak_mib, time_ms, write_json  # noqa: E402
+
+
+def transformers_core(q, k, v, config):
+    b, s, _ = q.shape
+    h, hkv = config.num_attention_heads, config.num_key_value_heads
+    d = q.shape[-1] // h
+    # as LlamaModel does: position ids from the cache positions (an arange in the graph)
+    position_ids = torch.arange(s, device=q.device).unsqueeze(0)
+    mask = create_causal_mask(config=config, inputs_embeds=q, attention_mask=None, past_key_values=None,
+                              position_ids=position_ids)
+    q = q.view(b, s, h, d).transpose(1, 2)
+    k = repeat_kv(k.view(b, s, hkv, d).transpose(1, 2), h // hkv)
+    v = repeat_kv(v.view(b, s, hkv, d).transpose(1, 2), h // hkv)
+    # sdpa_attention_forward: is_causal only when no mask was built (eager skips building it)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    return o.transpose(1, 2).contiguous().reshape(b, s, -1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("masked_attention.py times CUDA kernels; no CUDA device is visible")
+    b, s, h, hkv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
+    config = LlamaConfig(hidden_size=h * d, num_attention_heads=h, num_key_value_heads=hkv)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    mk = lambda n: torch.randn(b, s, n * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = mk(h), mk(hkv), mk(hkv)
+    grad = torch.randn(b, s, h * d, device="cuda", dtype=torch.bfloat16)
+    core = lambda *t: transformers_core(*t, config)
+    variants = {
+        "inductor": torch.compile(core),
+        "attnopt": torch.compile(core, backend="attnopt"),
+        "is_causal + enable_gqa (inductor)": torch.compile(lambda *t: best_form(*t, h, hkv)),
+    }
+    with torch.no_grad():
+        ref = best_form(q.float(), k.float(), v.float(), h, hkv).cpu()
+    rows = []
+    for name, fn in variants.items():
+        def step(fn=fn):
+            for t in (q, k, v):
+                t.grad = None
+            fn(q, k, v).backward(grad)
+
+        with attnopt.runtime_ops.trace_kernels() as calls:
+            out = fn(q, k, v).float().cpu()
+        err = float((out - ref).norm() / ref.norm())
+        del out
+        rows.append({"variant": name, **time_ms(step, iters=args.iters), "peak_mib": peak_mib(step), "rel_err": err,
+                     "kernel": ",".join(sorted({c.kernel for c in calls})) or "(torch SDPA)"})
+    env = environment()
+    print(f"\ntransformers attention with in-graph mask, fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16")
+    print(f"{env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} flash-attn-4 {env['flash_attn_4']}")
+    ref_ms = rows[-1]["median_ms"]
+    print(f"{'variant':36} {'median ms':>9} {'min':>7} {'peak MiB':>9} {'vs is_causal':>12} {'rel err':>8} kernel")
+    for r in rows:
+        print(f"{r['variant']:36} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['peak_mib']:9.0f} "
+              f"{r['median_ms'] / ref_ms:11.3f}x {r['rel_err']:8.1e} {r['kernel']}")
+    write_json("masked_attention", {"env": env, "shape": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

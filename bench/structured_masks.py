@@ -1,0 +1,108 @@
+"""Attention with structured in-graph masks, as models build them: chunked (Llama 4) and decode
+over a static KV cache. Each row: Inductor compiling the code as written vs attnopt.
+
+    python bench/structured_masks.py chunked   # B=1 S=16384 Hq=32 Hkv=8 D=128, chunk 4096, fwd+bwd
+    python bench/structured_masks.py decode    # batch 8, cache 8192 (4096 filled), 32/8 heads, forward
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attnopt  # noqa: E402
+from attnopt.demo_model import repeat_kv  # noqa: E402
+from common import environment, peak_mib, time_ms, write_json  # noqa: E402
+
+
+def chunked_core(q, k, v, heads, kv_heads, chunk):
+    """Llama 4 chunked attention with its dense mask: same chunk AND causal."""
+    b, s, _ = q.shape
+    d = q.shape[-1] // heads
+    idx = torch.arange(s, device=q.device)
+    qi, ki = idx[None, None, :, None], idx[None, None, None, :]
+    mask = (qi // chunk == ki // chunk) & (ki <= qi)
+    q = q.view(b, s, heads, d).transpose(1, 2)
+    k = repeat_kv(k.view(b, s, kv_heads, d).transpose(1, 2), heads // kv_heads)
+    v = repeat_kv(v.view(b, s, kv_heads, d).transpose(1, 2), heads // kv_heads)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return o.transpose(1, 2).contiguous().reshape(b, s, -1)
+
+
+def decode_core(q, k_cache, v_cache, cache_position, heads, kv_heads):
+    """One decode step over a transformers-style static cache [B, Hkv, max_len, D]."""
+    b = q.shape[0]
+    d = q.shape[-1] // heads
+    q = q.view(b, 1, heads, d).transpose(1, 2)
+    k = repeat_kv(k_cache, heads // kv_heads)
+    v = repeat_kv(v_cache, heads // kv_heads)
+    kv_idx = torch.arange(k_cache.shape[2], device=q.device)
+    mask = (kv_idx[None, :] <= cache_position[:, None])[None, None].expand(b, 1, 1, -1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return o.transpose(1, 2).reshape(b, 1, -1)
+
+
+def run_chunked(args) -> list[dict]:
+    b, s, h, hkv, d, c = 1, args.seq or 16384, 32, 8, 128, args.chunk
+    mk = lambda n: torch.randn(b, s, n * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = mk(h), mk(hkv), mk(hkv)
+    grad = torch.randn(b, s, h * d, device="cuda", dtype=torch.bfloat16)
+    fn = lambda *t: chunked_core(*t, h, hkv, c)
+    rows = []
+    for name, compiled in (("inductor", torch.compile(fn)), ("attnopt", torch.compile(fn, backend="attnopt"))):
+        def step(compiled=compiled):
+            for t in (q, k, v):
+                t.grad = None
+            compiled(q, k, v).backward(grad)
+
+        with attnopt.runtime_ops.trace_kernels() as calls:
+            step()
+        rows.append({"variant": name, **time_ms(step, warmup=3, iters=5, repeats=3), "peak_mib": peak_mib(step),
+                     "kernel": ",".join(sorted({x.kernel for x in calls})) or "(torch SDPA)"})
+    return rows
+
+
+def run_decode(args) -> list[dict]:
+    b, h, hkv, d, max_len, filled = 8, 32, 8, 128, 8192, 4096
+    q = torch.randn(b, 1, h * d, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(b, hkv, max_len, d, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn(b, hkv, max_len, d, device="cuda", dtype=torch.bfloat16)
+    pos = torch.tensor([filled - 1], device="cuda")
+    fn = lambda *t: decode_core(*t, h, hkv)
+    rows = []
+    with torch.no_grad():
+        for name, compiled in (("inductor", torch.compile(fn)), ("attnopt", torch.compile(fn, backend="attnopt"))):
+            step = lambda compiled=compiled: compiled(q, k_cache, v_cache, pos)
+            with attnopt.runtime_ops.trace_kernels() as calls:
+                step()
+            t = time_ms(step, iters=100)
+            rows.append({"variant": name, **{k: v * 1000 for k, v in t.items()}, "unit": "us",
+                         "peak_mib": peak_mib(step), "kernel": ",".join(sorted({x.kernel for x in calls})) or "(torch SDPA)"})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("case", choices=["chunked", "decode"])
+    p.add_argument("--seq", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=4096)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("structured_masks.py times CUDA kernels; no CUDA device is visible")
+    rows = run_chunked(args) if args.case == "chunked" else run_decode(args)
+    env = environment()
+    unit = "us" if args.case == "decode" else "ms"
+    print(f"\n{args.case}: {env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} "
+          f"flash-attn-4 {env['flash_attn_4']}")
+    print(f"{'variant':12} {'median ' + unit:>10} {'min':>9} {'peak MiB':>9} kernel")
+    for r in rows:
+        print(f"{r['variant']:12} {r['median_ms']:10.3f} {r['min_ms']:9.3f} {r['peak_mib']:9.0f} {r['kernel']}")
+    write_json(f"structured_{args.case}", {"env": env, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

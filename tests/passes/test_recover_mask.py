@@ -1,0 +1,221 @@
+"""Mask structure recovery: in-graph masks proven to be bands are replaced by is_causal/windows."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnopt
+from attnopt.patterns.mask_structure import analyse_mask
+from attnopt.patterns.normalize import sdpa_args
+from tests.conftest import Capture, assert_grads_match
+
+B, H, S, D = 2, 4, 12, 8
+
+
+def _idx(s, device):
+    q = torch.arange(s, device=device)[None, None, :, None]
+    k = torch.arange(s, device=device)[None, None, None, :]
+    return q, k
+
+
+MASKS = {
+    # name: (mask builder over (q_idx, kv_idx), expected description, expected (is_causal, align, window))
+    "causal": (lambda q, k: k <= q, "k - q <= 0", (True, "top_left", (-1, -1))),
+    "causal_via_ge": (lambda q, k: q >= k, "k - q <= 0", (True, "top_left", (-1, -1))),
+    "sliding_window": (lambda q, k: (k <= q) & (k > q - 4), "k - q <= 0 & k - q >= -3", (True, "top_left", (3, 0))),
+    "two_sided": (lambda q, k: (k - q <= 2) & (q - k <= 3), "k - q <= 2 & k - q >= -3", (False, "top_left", (3, 2))),
+    "all_true": (lambda q, k: q.new_ones((), dtype=torch.bool) & (k >= 0), "all true", (False, "top_left", (-1, -1))),
+}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_band_masks_are_recognised_and_removed(name):
+    build, described, band = MASKS[name]
+
+    def f(x):
+        qi, ki = _idx(S, x.device)
+        mask = build(qi, ki)
+        q = x.view(B, S, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask).transpose(1, 2)
+
+    x = torch.randn(B, S, H * D, requires_grad=True)
+    capture = Capture()
+    torch._dynamo.reset()
+    assert_grads_match(torch.compile(f, backend=capture.backend), (x,), [], f)
+    (site,) = capture.result.sites
+    assert site.status == "lowered" and not site.has_mask, site.mask
+    assert site.mask == f"{described}: mask removed"
+    node = next(n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+    assert node.kwargs.get("is_causal", False) == band[0]
+    assert node.kwargs.get("window_size", [-1, -1]) == list(band[2])
+
+
+def test_bottom_right_causal_from_offset_positions():
+    sq, sk = 4, 12
+
+    def f(q, kv):
+        qi = torch.arange(sk - sq, sk, device=q.device)[:, None]  # query i sits at position sk - sq + i
+        ki = torch.arange(sk, device=q.device)[None, :]
+        return F.scaled_dot_product_attention(q, kv, kv, attn_mask=ki <= qi)
+
+    q = torch.randn(B, H, sq, D, requires_grad=True)
+    kv = torch.randn(B, H, sk, D, requires_grad=True)
+    capture = Capture()
+    torch._dynamo.reset()
+    assert_grads_match(torch.compile(f, backend=capture.backend), (q, kv), [], f)
+    node = next(n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+    assert node.kwargs["causal_align"] == "bottom_right" and node.kwargs["is_causal"]
+
+
+def test_padding_and_chunks_are_described_and_kept():
+    def f(x, keep):
+        qi, ki = _idx(S, x.device)
+        mask = (k_chunk := (qi // 4 == ki // 4)) & (ki <= qi) & keep[:, None, None, :].bool()
+        q = x.view(B, S, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+    x = torch.randn(B, S, H * D, requires_grad=True)
+    keep = torch.ones(B, S, dtype=torch.long)
+    keep[0, :3] = 0
+    capture = Capture()
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=capture.backend)(x, keep)
+    torch.testing.assert_close(out, f(x, keep))
+    (site,) = capture.result.sites
+    assert site.status == "lowered" and site.has_mask
+    assert "q // 4 == k // 4" in site.mask and "k - q <= 0" in site.mask and "key padding" in site.mask
+    assert site.mask.endswith("kept as an explicit mask")
+
+
+def test_unknown_mask_is_kept_with_the_reason():
+    def f(x, m):
+        q = x.view(B, S, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=m > 0.5)
+
+    x, m = torch.randn(B, S, H * D), torch.rand(B, 1, S, S)
+    capture = Capture()
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, backend=capture.backend)(x, m), f(x, m))
+    (site,) = capture.result.sites
+    assert site.has_mask and site.mask.startswith("mask not recognised")
+
+
+def _transformers_llama(num_layers=2):
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaModel(cfg)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None):
+            return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state
+
+    return Wrapper()
+
+
+CASES = {
+    "plain": ({}, "k - q <= 0: mask removed"),
+    "packed": ({"position_ids": torch.cat([torch.arange(10), torch.arange(6)]).repeat(2, 1)},
+               "same document"),
+    "padded": ({"attention_mask": torch.tensor([[0, 0, 0] + [1] * 13, [1] * 16])}, "key padding"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_llama_compiled(case):
+    extra, expected = CASES[case]
+    model = _transformers_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    capture = Capture()
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=capture.backend)(ids, **extra)
+    ref = model(ids, **extra)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref.sum().backward()
+    for g, w in zip(got, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
+    assert [s.status for s in capture.result.sites] == ["lowered", "lowered"]
+    assert all(expected in s.mask for s in capture.result.sites)
+    if case == "plain":
+        assert not any(s.has_mask for s in capture.result.sites)
+        assert capture.result.masks_removed
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_llama_exported(case):
+    extra, expected = CASES[case]
+    model = _transformers_llama(num_layers=1)
+    ids = torch.randint(0, 128, (2, 16))
+    ep = torch.export.export(model, (ids,), extra)
+    new_ep, result = attnopt.optimize(ep, strict=True, return_result=True)
+    torch.testing.assert_close(new_ep.module()(ids, **extra), model(ids, **extra), rtol=1e-4, atol=1e-4)
+    assert [s.status for s in result.sites] == ["lowered"] and expected in result.sites[0].mask
+    if case == "plain":
+        sdpa_masks = [sdpa_args(n)["attn_mask"] for n in new_ep.graph.nodes if sdpa_args(n)]
+        assert sdpa_masks == []
+        assert not any("attn_mask" in n.kwargs for n in new_ep.graph.nodes
+                       if n.target is torch.ops.attnopt.attention.default)
+
+
+def test_analyse_mask_rejects_float_masks():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.zeros(2, 2)
+    assert analyse_mask(x) == "the mask is not a boolean tensor"
+
+
+def test_chunked_mask_runs_chunks_as_batches():
+    from tests.bench_cores import chunked_core
+
+    q, k, v = (torch.randn(2, 16, n * 16, requires_grad=True) for n in (4, 2, 2))
+    fn = lambda *t: chunked_core(*t, 4, 2, 4)
+    capture = Capture()
+    torch._dynamo.reset()
+    assert_grads_match(torch.compile(fn, backend=capture.backend), (q, k, v), [], fn)
+    (site,) = capture.result.sites
+    assert site.mask.endswith("chunks run as batches") and not site.has_mask and site.is_causal
+    node = next(n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+    assert tuple(node.args[0].meta["example_value"].shape) == (8, 4, 4, 16)  # [B * S/C, C, H, D]
+
+
+def test_static_cache_decode_uses_key_lengths_without_repeating_the_cache():
+    from tests.bench_cores import decode_core
+
+    q, k_cache, v_cache = torch.randn(3, 1, 64), torch.randn(3, 2, 32, 16), torch.randn(3, 2, 32, 16)
+    fn = lambda *t: decode_core(*t, 4, 2)
+    capture = Capture()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=capture.backend)
+    with torch.no_grad():
+        for filled in (20, 5, 31):  # the same graph serves every cache fill
+            pos = torch.tensor([filled])
+            torch.testing.assert_close(compiled(q, k_cache, v_cache, pos), fn(q, k_cache, v_cache, pos))
+    (site,) = capture.result.sites
+    assert site.gqa_group == 2 and not site.has_mask and "seqused_k" in site.mask
+    node = next(n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+    assert "seqused_k" in node.kwargs
+
+
+def test_decode_with_grad_keeps_the_mask():
+    from tests.bench_cores import decode_core
+
+    q = torch.randn(2, 1, 64, requires_grad=True)
+    k_cache, v_cache, pos = torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16), torch.tensor([9])
+    fn = lambda *t: decode_core(*t, 4, 2)
+    capture = Capture()
+    torch._dynamo.reset()
+    assert_grads_match(torch.compile(fn, backend=capture.backend), (q, k_cache, v_cache, pos), [], fn)
+    (site,) = capture.result.sites
+    assert site.has_mask and "inference only" in site.mask
