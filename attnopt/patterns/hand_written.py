@@ -15,9 +15,9 @@ from typing import Any, Optional
 import torch
 from torch.fx import Graph, Node
 
-from .layout_chain import KERNEL_LAYOUTS, trace_operand, trace_output
 from .normalize import meta, op_name
-from .site import AttentionSite, Operand
+from .operands import trace_operands
+from .site import AttentionSite
 
 _SOFTMAX = {"softmax", "_softmax"}
 _CASTS = {"to", "float", "type_as", "_to_copy", "half", "bfloat16"}
@@ -196,21 +196,13 @@ def _match(softmax: Node) -> Optional[AttentionSite]:
     site = AttentionSite(node, "hand_written", attn_mask=s.mask, dropout_p=s.dropout_p, scale=s.scale)
     site.extra["chain"] = list(s.chain)
     site.extra["mask_negated"] = s.mask_negated
-    site.query = trace_operand(q, strip_repeat=False)
-    site.key, site.value = trace_operand(k), trace_operand(v)
-    if site.key.group != site.value.group:
-        site.key, site.value = trace_operand(k, strip_repeat=False), trace_operand(v, strip_repeat=False)
-    if site.query.dims not in KERNEL_LAYOUTS:
-        site.query = Operand(q, "bhsd")
-    if site.key.dims not in KERNEL_LAYOUTS or site.value.dims not in KERNEL_LAYOUTS:
-        site.key, site.value = Operand(k, "bhsd"), Operand(v, "bhsd")
+    site.query, site.key, site.value, site.output = trace_operands(node, q, k, v)
     hq = meta(q).shape[1]
     hk = meta(site.key.source).shape[site.key.dims.index("h")]
     if meta(k).shape[1] != hq:
         raise _NoMatch("q and k disagree on heads before any repetition")
     if hq % hk:
         raise _NoMatch("query heads are not a multiple of key heads")
-    site.output = trace_output(node)
     return site
 
 

@@ -57,6 +57,8 @@ class FA4Kernel(Kernel):
         if spec.heads_q != spec.heads_kv and spec.dim_qk != spec.dim_v:
             return "GQA backward needs equal q/k and v head dims"
         major, _ = torch.cuda.get_device_capability(spec.device)
+        if major == 9:  # FA4's sm90 rule, checked without importing it (that takes seconds)
+            return None
         try:
             _interface()._validate_head_dims(spec.dim_qk, spec.dim_v, major, 16 // (torch.finfo(spec.dtype).bits // 8))
         except (AssertionError, ValueError) as e:
