@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnopt  # noqa: E402
 from attnopt.demo_model import repeat_kv  # noqa: E402
-from common import environment, peak_mib, time_ms, write_json  # noqa: E402
+from common import add_shape_args, environment, measure_fwd_bwd, projections, write_json  # noqa: E402
 
 
 def hf_core(q, k, v, heads, kv_heads):
@@ -42,23 +42,12 @@ def best_form(q, k, v, heads, kv_heads):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--iters", type=int, default=30)
+    add_shape_args(p, iters=30)
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_core.py times CUDA kernels; no CUDA device is visible")
-    torch.manual_seed(0)
     b, s, h, hkv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
-    dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(b, s, h * d, device=dev, dtype=dt, requires_grad=True)
-    k = torch.randn(b, s, hkv * d, device=dev, dtype=dt, requires_grad=True)
-    v = torch.randn(b, s, hkv * d, device=dev, dtype=dt, requires_grad=True)
-    grad = torch.randn(b, s, h * d, device=dev, dtype=dt)
-
+    q, k, v, grad = projections(args)
     variants = {
         "eager": lambda *t: hf_core(*t, h, hkv),
         "inductor": torch.compile(lambda *t: hf_core(*t, h, hkv)),
@@ -68,21 +57,7 @@ def main() -> None:
     }
     with torch.no_grad():
         ref_out = hf_core(q.float(), k.float(), v.float(), h, hkv).cpu()
-    rows = []
-    for name, fn in variants.items():
-        def step(fn=fn):
-            for t in (q, k, v):
-                t.grad = None
-            fn(q, k, v).backward(grad)
-
-        with attnopt.runtime_ops.trace_kernels() as calls:
-            out = fn(q, k, v).float().cpu()
-        err = float((out - ref_out).norm() / ref_out.norm())
-        del out
-        t = time_ms(step, iters=args.iters)
-        mem = peak_mib(step)
-        kernels = sorted({c.kernel for c in calls}) or ["(torch SDPA)"]
-        rows.append({"variant": name, **t, "peak_mib": mem, "rel_err": err, "attnopt_kernel": ",".join(kernels)})
+    rows = measure_fwd_bwd(variants, q, k, v, grad, ref_out, args.iters)
 
     env = environment()
     print(f"\nattention core fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16 causal")
@@ -92,7 +67,7 @@ def main() -> None:
     for r in rows:
         speed = base["median_ms"] / r["median_ms"]
         print(f"{r['variant']:32} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['max_ms']:7.3f} {r['peak_mib']:9.0f} "
-              f"{speed:10.2f}x {r['rel_err']:8.1e} {r['attnopt_kernel']}")
+              f"{speed:10.2f}x {r['rel_err']:8.1e} {r['kernel']}")
     path = write_json("attention_core", {"env": env, "shape": vars(args), "rows": rows})
     print(f"wrote {path}")
 

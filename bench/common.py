@@ -57,3 +57,43 @@ def write_json(name: str, payload: dict) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     return path
+
+
+def add_shape_args(parser, batch: int = 2, seq: int = 4096, iters: int = 20) -> None:
+    """The attention shape every core benchmark takes (Llama-3-8B by default)."""
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=iters)
+
+
+def projections(args, split_heads: bool = False):
+    """bf16 CUDA q, k, v as projections produce them ([B, S, H*D], or [B, S, H, D]) and a grad."""
+    b, s, h, hkv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
+    torch.manual_seed(0)
+    shape = (lambda n: (b, s, n, d)) if split_heads else (lambda n: (b, s, n * d))
+    mk = lambda n: torch.randn(*shape(n), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return mk(h), mk(hkv), mk(hkv), torch.randn(*shape(h), device="cuda", dtype=torch.bfloat16)
+
+
+def measure_fwd_bwd(variants: dict, q, k, v, grad, ref, iters: int) -> list[dict]:
+    """Per variant: median/min/max ms of forward+backward, peak MiB, error against ``ref`` (CPU,
+    float32) and the attnopt kernels that ran."""
+    import attnopt
+
+    rows = []
+    for name, fn in variants.items():
+        def step(fn=fn):
+            for t in (q, k, v):
+                t.grad = None
+            fn(q, k, v).backward(grad)
+
+        with attnopt.runtime_ops.trace_kernels() as calls:
+            out = fn(q, k, v).float().cpu()
+        err = float((out - ref).norm() / ref.norm())
+        del out
+        rows.append({"variant": name, **time_ms(step, iters=iters), "peak_mib": peak_mib(step), "rel_err": err,
+                     "kernel": ",".join(sorted({c.kernel for c in calls})) or "(torch SDPA)"})
+    return rows

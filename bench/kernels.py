@@ -18,21 +18,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnopt  # noqa: E402
 from attnopt.runtime_ops import kernels  # noqa: E402
-from common import environment, time_ms, write_json  # noqa: E402
+from common import add_shape_args, environment, projections, time_ms, write_json  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    add_shape_args(p)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernels.py times CUDA kernels; no CUDA device is visible")
     b, s, h, hkv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
-    mk = lambda heads: torch.randn(b, s, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    q, k, v = mk(h), mk(hkv), mk(hkv)
-    grad = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v, grad = projections(args, split_heads=True)
 
     def clear():
         for t in (q, k, v):
@@ -61,7 +57,7 @@ def main() -> None:
             clear()
             fn().backward(grad)
 
-        t = time_ms(step, iters=20)
+        t = time_ms(step, iters=args.iters)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(20):  # host time to enqueue one step (the GPU may still be busy)

@@ -19,10 +19,9 @@ from transformers import LlamaConfig
 from transformers.masking_utils import create_causal_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import attnopt  # noqa: E402
 from attention_core import best_form  # noqa: E402
 from attnopt.demo_model import repeat_kv  # noqa: E402
-from common import environment, peak_mib, time_ms, write_json  # noqa: E402
+from common import add_shape_args, environment, measure_fwd_bwd, projections, write_json  # noqa: E402
 
 
 def transformers_core(q, k, v, config):
@@ -43,22 +42,14 @@ def transformers_core(q, k, v, config):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--iters", type=int, default=20)
+    add_shape_args(p)
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("masked_attention.py times CUDA kernels; no CUDA device is visible")
     b, s, h, hkv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
     config = LlamaConfig(hidden_size=h * d, num_attention_heads=h, num_key_value_heads=hkv)
     config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    mk = lambda n: torch.randn(b, s, n * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    q, k, v = mk(h), mk(hkv), mk(hkv)
-    grad = torch.randn(b, s, h * d, device="cuda", dtype=torch.bfloat16)
+    q, k, v, grad = projections(args)
     core = lambda *t: transformers_core(*t, config)
     variants = {
         "inductor": torch.compile(core),
@@ -67,19 +58,7 @@ def main() -> None:
     }
     with torch.no_grad():
         ref = best_form(q.float(), k.float(), v.float(), h, hkv).cpu()
-    rows = []
-    for name, fn in variants.items():
-        def step(fn=fn):
-            for t in (q, k, v):
-                t.grad = None
-            fn(q, k, v).backward(grad)
-
-        with attnopt.runtime_ops.trace_kernels() as calls:
-            out = fn(q, k, v).float().cpu()
-        err = float((out - ref).norm() / ref.norm())
-        del out
-        rows.append({"variant": name, **time_ms(step, iters=args.iters), "peak_mib": peak_mib(step), "rel_err": err,
-                     "kernel": ",".join(sorted({c.kernel for c in calls})) or "(torch SDPA)"})
+    rows = measure_fwd_bwd(variants, q, k, v, grad, ref, args.iters)
     env = environment()
     print(f"\ntransformers attention with in-graph mask, fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16")
     print(f"{env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} flash-attn-4 {env['flash_attn_4']}")

@@ -18,7 +18,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import attnopt  # noqa: E402
 from attnopt.passes import optimize_graph  # noqa: E402
 from common import environment, write_json  # noqa: E402
 
@@ -101,8 +100,8 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         rows.append({"variant": variant, "step_ms": med * 1e3, "tokens_per_s": seq / med, "peak_gib": peak,
                      "first_step_s": first, "loss0": loss0, **stats})
-        del model, opt, fwd
-        if device == "cuda":
+        if device == "cuda":  # the next variant starts from an empty cache
+            model = opt = fwd = None
             torch.cuda.empty_cache()
     env = environment()
     print(f"\nLlama train step: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "

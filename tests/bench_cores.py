@@ -3,4 +3,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from structured_masks import chunked_core, decode_core  # noqa: E402,F401
+from structured_masks import chunked_core, decode_core  # noqa: E402
+
+__all__ = ["chunked_core", "decode_core"]

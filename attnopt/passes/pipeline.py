@@ -17,7 +17,7 @@ from ..patterns import AttentionSite, find_sdpa_sites
 from ..patterns.hand_written import find_hand_written_sites
 from ..patterns.normalize import shape
 from .lower_attention import lower_to_op
-from .lower_portable import lower_to_sdpa, sdpa_causal
+from .lower_portable import lower_to_sdpa
 from .recover_mask import erase_dead_masks, recover_mask
 
 log = logging.getLogger("attnopt")
@@ -135,7 +135,7 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
                     done = lower_to_op(work, site, kernel)
                 else:
                     done = lower_to_sdpa(work, site, written_mask)
-                    if sdpa_causal(site) is None:
+                    if site.attn_mask is None and done.node.kwargs.get("attn_mask") is not None:
                         rep.has_mask, rep.mask = True, f"{rep.mask}; kept as written: SDPA has no such band"
                 rep.removed, rep.new_node = done.removed, done.node.name
             result.sites.append(rep)

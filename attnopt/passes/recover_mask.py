@@ -49,7 +49,6 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
     if band is None:
         return f"{found}: band not expressible as a causal/window diagonal, kept as an explicit mask"
     site.attn_mask = None
-    site.extra["mask_negated"] = False
     site.is_causal, site.causal_align, site.window = band
     if site.is_causal and site.window == (-1, 0):
         site.window = (-1, -1)  # is_causal already says "nothing right of the diagonal"
@@ -70,7 +69,6 @@ def _chunks_as_batches(site: AttentionSite, structure: MaskStructure, sq: int, s
     if meta(site.attn_mask).dtype != torch.bool and structure.upper is None:
         return "additive chunk mask"
     site.attn_mask = None
-    site.extra["mask_negated"] = False
     site.extra["chunk"] = c
     site.is_causal = structure.upper == 0
     return None
@@ -88,7 +86,6 @@ def _key_lengths(site: AttentionSite, structure: MaskStructure, sq: int) -> Opti
     if any(meta(op.source).requires_grad for op in (site.query, site.key, site.value)):
         return "key lengths are lowered for inference only"
     site.attn_mask = None
-    site.extra["mask_negated"] = False
     site.extra["key_limit"] = structure.key_limit
     return None
 

@@ -71,7 +71,7 @@ def test_bottom_right_causal_from_offset_positions():
 def test_padding_and_chunks_are_described_and_kept():
     def f(x, keep):
         qi, ki = _idx(S, x.device)
-        mask = (k_chunk := (qi // 4 == ki // 4)) & (ki <= qi) & keep[:, None, None, :].bool()
+        mask = (qi // 4 == ki // 4) & (ki <= qi) & keep[:, None, None, :].bool()
         q = x.view(B, S, H, D).transpose(1, 2)
         return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
 
@@ -219,3 +219,29 @@ def test_decode_with_grad_keeps_the_mask():
     assert_grads_match(torch.compile(fn, backend=capture.backend), (q, k_cache, v_cache, pos), [], fn)
     (site,) = capture.result.sites
     assert site.has_mask and "inference only" in site.mask
+
+
+@pytest.mark.parametrize("case", ["chunked", "decode", "masked_fill_window"])
+def test_portable_target_keeps_masks_sdpa_cannot_express(case):
+    from tests.bench_cores import chunked_core, decode_core
+
+    if case == "chunked":
+        fn, args = (lambda *t: chunked_core(*t, 4, 2, 4)), tuple(torch.randn(2, 16, n * 16) for n in (4, 2, 2))
+    elif case == "decode":
+        fn = lambda *t: decode_core(*t, 4, 2)
+        args = (torch.randn(3, 1, 64), torch.randn(3, 2, 32, 16), torch.randn(3, 2, 32, 16), torch.tensor([20]))
+    else:
+        def fn(q, k, v):
+            i = torch.arange(q.shape[2])
+            outside = (i[None, :] > i[:, None]) | (i[None, :] < i[:, None] - 3)  # sliding window of 4
+            s = (q @ k.transpose(-2, -1) * 0.25).masked_fill(outside, float("-inf"))
+            return s.softmax(-1) @ v
+
+        args = tuple(torch.randn(2, 4, 12, 16) for _ in range(3))
+    capture = Capture(target="portable")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fn, backend=capture.backend)(*args), fn(*args))
+    (site,) = capture.result.sites
+    assert site.status == "lowered" and site.has_mask
+    assert not any(n.target is torch.ops.attnopt.attention.default for n in capture.after.graph.nodes)
