@@ -112,11 +112,14 @@ def _order(gm: GraphModule):
 def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> Lowered:
     """Replace ``site`` by one attnopt.attention call; return the new node and what was removed."""
     key = _meta_key(gm)
-    layout = site.query.dims
+    chunk = site.extra.get("chunk")
+    # chunks as batches work on [B, S, H, D]: split S into (S/C, C) and fold S/C into the batch
+    layout = "bshd" if chunk else site.query.dims
     out_use = site.output
+    out_layout = "bshd" if chunk else out_use.layout
     kwargs: dict[str, Any] = {"layout": layout}
-    if out_use.layout != layout:
-        kwargs["out_layout"] = out_use.layout
+    if out_layout != layout:
+        kwargs["out_layout"] = out_layout
     mask = site.attn_mask
     if isinstance(site.dropout_p, Node) or site.dropout_p:
         kwargs["dropout_p"] = site.dropout_p
@@ -138,19 +141,19 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
             kwargs["attn_mask"] = mask
         if site.extra.get("key_limit"):
             kwargs["seqused_k"] = _seqused(gm, site, key)
-        q = site.query.source
-        k = _in_layout(gm, site.key, layout, key, site)
-        v = _in_layout(gm, site.value, layout, key, site)
-        chunk = site.extra.get("chunk")
-        if chunk:  # chunks as batches: [B, S, H, D] -> [B * S/C, C, H, D], a view for projections
+        q, k, v = (_in_layout(gm, op, layout, key, site) for op in (site.query, site.key, site.value))
+        if chunk:  # [B, S, H, D] -> [B * S/C, C, H, D]: a view for projections, else one copy
             q, k, v = (_reshape(gm, t, _chunk_shape(t, chunk), key, site) for t in (q, k, v))
         call = gm.graph.call_function(torch.ops.attnopt.attention.default, (q, k, v), kwargs)
         _stamp(call, site, key)
         out = gm.graph.call_function(operator.getitem, (call, 0))
         _stamp(out, site, key)
         if chunk:
-            b, s = meta(site.query.source).shape[:2]
+            b, s = (meta(site.query.source).shape[site.query.dims.index(a)] for a in "bs")
             out = _reshape(gm, out, [b, s, *meta(out).shape[2:]], key, site)
+            if out_use.layout != "bshd":
+                out = gm.graph.call_function(aten.permute.default, (out, ["bshd".index(a) for a in out_use.layout]))
+                _stamp(out, site, key)
     out_use.node.replace_all_uses_with(out)
     chain = set(out_use.skipped)
     if any(u not in chain for u in site.node.users):  # something else reads [B, H, S, D]: a view

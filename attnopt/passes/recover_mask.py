@@ -57,15 +57,14 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
 
 
 def _chunks_as_batches(site: AttentionSite, structure: MaskStructure, sq: int, sk: int) -> Optional[str]:
-    """Turn a chunked (optionally causal-in-chunk) mask into batches of whole chunks, when the
-    sequence splits evenly and q, k, v and the output are [B, S, H, D]; else say why not."""
+    """Turn a chunked (optionally causal-in-chunk) mask into batches of whole chunks when the
+    sequence splits evenly; else say why not. Sources in another layout than [B, S, H, D] are
+    copied once into it (still far cheaper than an O(S^2) masked kernel)."""
     c = structure.chunk
     if not (isinstance(sq, int) and isinstance(sk, int)) or sq != sk or sq % c:
         return f"chunks need a static self-attention length divisible by {c}"
     if structure.lower is not None or structure.upper not in (None, 0):
         return "chunks with a window inside"
-    if {site.query.dims, site.key.dims, site.value.dims, site.output.layout} != {"bshd"}:
-        return "chunks as batches need [B, S, H, D] sources and output"
     if meta(site.attn_mask).dtype != torch.bool and structure.upper is None:
         return "additive chunk mask"
     site.attn_mask = None

@@ -154,6 +154,11 @@ class _Interpreter:
             return self._arange(args, kwargs, shape)
         if name in ("new_ones", "ones") and kwargs.get("dtype") == torch.bool:
             return Sym(sympy.true, shape)
+        if name in ("zeros", "zeros_like", "new_zeros", "new_ones", "ones", "ones_like", "full", "full_like",
+                    "new_full"):
+            return self._constant(node, name, shape)
+        if name in ("view", "reshape", "_unsafe_view"):
+            return self._unit_reshape(node, shape)
         if name == "expand":
             x = self.value(args[0])
             return Sym(_broadcast(x, shape), shape, x.tag)
@@ -194,6 +199,31 @@ class _Interpreter:
         if name == "cumsum":
             return self._cumsum(node, shape)
         raise Unproven(f"{node.name} ({name})")
+
+    def _constant(self, node: Node, name: str, shape: tuple) -> Sym:
+        """A filled tensor: zeros, ones, or full with a literal value (integers and booleans)."""
+        if "full" in name:
+            value = node.args[-1] if name != "new_full" else node.args[2] if len(node.args) > 2 else None
+            value = node.kwargs.get("fill_value", value)
+        else:
+            value = 0 if "zeros" in name else 1
+        if isinstance(value, bool) or meta(node).dtype == torch.bool:
+            return Sym(sympy.true if value else sympy.false, shape)
+        if not isinstance(value, int) or meta(node).is_floating_point():
+            raise Unproven(f"{node.name} fills with {value!r}")
+        return Sym(sympy.Integer(value), shape)
+
+    def _unit_reshape(self, node: Node, shape: tuple) -> Sym:
+        """A view/reshape that only adds or drops size-1 dims (``mask.view(B, 1, 1, S)``)."""
+        x = self.value(node.args[0])
+        keep_in = [d for d, n in enumerate(x.shape) if n != 1]
+        keep_out = [d for d, n in enumerate(shape) if n != 1]
+        if len(keep_in) != len(keep_out) or any(not same(x.shape[a], shape[b]) for a, b in zip(keep_in, keep_out)):
+            raise Unproven(f"{node.name} reshapes more than unit dims")
+        mapping = {_I[d]: sympy.Integer(0) for d, n in enumerate(x.shape) if n == 1}
+        mapping.update({_I[a]: _T[b] for a, b in zip(keep_in, keep_out)})
+        expr = _sub(x.expr, mapping)
+        return Sym(_sub(expr, {_T[d]: _I[d] for d in range(len(shape))}), shape, x.tag)
 
     def _arange(self, args, kwargs, shape) -> Sym:
         if len(args) == 1:

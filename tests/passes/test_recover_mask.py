@@ -245,3 +245,54 @@ def test_portable_target_keeps_masks_sdpa_cannot_express(case):
     (site,) = capture.result.sites
     assert site.status == "lowered" and site.has_mask
     assert not any(n.target is torch.ops.attnopt.attention.default for n in capture.after.graph.nodes)
+
+
+def test_chunks_as_batches_from_bhsd_sources():
+    def f(q, k, v):  # rope-style sources already in [B, H, S, D]
+        i = torch.arange(q.shape[2])
+        mask = (i[:, None] // 4 == i[None, :] // 4) & (i[None, :] <= i[:, None])
+        return F.scaled_dot_product_attention(q * 2, k * 2, v, attn_mask=mask, enable_gqa=True)
+
+    q, k, v = torch.randn(2, 4, 12, 8, requires_grad=True), *(torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(2))
+    capture = Capture()
+    torch._dynamo.reset()
+    assert_grads_match(torch.compile(f, backend=capture.backend), (q, k, v), [], f)
+    (site,) = capture.result.sites
+    assert site.mask.endswith("chunks run as batches") and not site.has_mask
+
+
+MODEL_MASKS = {
+    # name: (config factory, forward kwargs, expected mask note)
+    "mistral_sliding_window": (lambda T: T.MistralConfig(sliding_window=5, **_SMALL), {},
+                               "k - q <= 0 & k - q >= -4: mask removed"),
+    "llama4_chunked": (lambda T: T.Llama4TextConfig(attention_chunk_size=4, head_dim=16, no_rope_layers=[1, 1],
+                                                     **_SMALL), {}, "chunks run as batches"),
+    "gpt2_padding": (lambda T: T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4), {"pad": True},
+                     "key padding"),
+    "bert_padding": (lambda T: T.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128), {"pad": True}, "key padding"),
+}
+_SMALL = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("name", list(MODEL_MASKS))
+def test_transformers_model_masks(name):
+    import transformers
+
+    make_config, options, expected = MODEL_MASKS[name]
+    cfg = make_config(transformers)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg).eval()
+    kwargs = {"input_ids": torch.randint(0, 100, (2, 16))}
+    if options.get("pad"):
+        kwargs["attention_mask"] = torch.ones(2, 16, dtype=torch.long)
+        kwargs["attention_mask"][0, :4] = 0
+    forward = lambda **kw: model(**kw).last_hidden_state
+    capture = Capture()
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(forward, backend=capture.backend)(**kwargs), forward(**kwargs),
+                               rtol=1e-4, atol=1e-4)
+    assert [s.status for s in capture.result.sites] == ["lowered", "lowered"]
+    assert all(expected in s.mask for s in capture.result.sites), [s.mask for s in capture.result.sites]
