@@ -40,11 +40,14 @@ def _meta_key(gm: GraphModule) -> str:
     return "val"
 
 
-def _fake_eval(node: Node, key: str) -> None:
-    """Record the node's fake value, computed with the graph's own fake mode."""
+def _fake_eval(node: Node, key: str, site: AttentionSite) -> None:
+    """Record the node's fake value, computed with the graph's own fake mode (the site's, for a
+    node such as ``arange`` that reads no tensor)."""
     args = map_arg(node.args, meta)
     kwargs = map_arg(node.kwargs, meta)
     flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, FakeTensor)]
+    if not flat:
+        flat = [v for v in (meta(site.node),) if isinstance(v, FakeTensor)]
     if not flat:
         return
     with flat[0].fake_mode:
@@ -65,7 +68,7 @@ def _stamp(node: Node, site: AttentionSite, key: str) -> None:
     for k in _COPIED_META:
         if k in site.node.meta:
             node.meta[k] = site.node.meta[k]
-    _fake_eval(node, key)
+    _fake_eval(node, key, site)
 
 
 def _seqused(gm: GraphModule, site: AttentionSite, key: str) -> Node:
@@ -82,6 +85,36 @@ def _seqused(gm: GraphModule, site: AttentionSite, key: str) -> Node:
     for node in steps:
         _stamp(node, site, key)
     return steps[-1]
+
+
+def _document_offsets(gm: GraphModule, positions: Node, site: AttentionSite, key: str) -> Node:
+    """int32 cu_seqlens of fixed size B*S + 1 for documents cut from [B, S] position ids.
+
+    A document starts at each row's first token and wherever the position does not follow the
+    previous one by exactly 1. Start offsets sort ahead of the filler value B*S, so the tail is
+    empty sequences: no data-dependent shape anywhere.
+    """
+    g = gm.graph
+    b, s = meta(positions).shape
+    steps: list[Node] = []
+
+    def add(target, *args, **kwargs) -> Node:
+        steps.append(g.call_function(target, args, kwargs))
+        return steps[-1]
+
+    prev = add(aten.slice.Tensor, positions, 1, 0, -1)
+    nxt = add(aten.slice.Tensor, positions, 1, 1)
+    jump = add(aten.ne.Scalar, add(aten.sub.Tensor, nxt, prev), 1)
+    first = add(aten.new_ones.default, jump, [b, 1], dtype=torch.bool)
+    starts = add(aten.reshape.default, add(aten.cat.default, [first, jump], 1), [-1])
+    index = add(aten.arange.default, b * s, device=meta(positions).device)
+    offsets = add(aten.where.ScalarOther, starts, index, b * s)
+    ordered = add(operator.getitem, add(aten.sort.default, offsets), 0)
+    total = add(aten.new_full.default, ordered, [1], b * s)
+    cu = add(aten._to_copy.default, add(aten.cat.default, [ordered, total]), dtype=torch.int32)
+    for node in steps:
+        _stamp(node, site, key)
+    return cu
 
 
 def _chunk_shape(t: Node, chunk: int) -> list:
@@ -112,11 +145,12 @@ def _order(gm: GraphModule):
 def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> Lowered:
     """Replace ``site`` by one attnopt.attention call; return the new node and what was removed."""
     key = _meta_key(gm)
-    chunk = site.extra.get("chunk")
-    # chunks as batches work on [B, S, H, D]: split S into (S/C, C) and fold S/C into the batch
-    layout = "bshd" if chunk else site.query.dims
+    chunk, documents = site.extra.get("chunk"), site.extra.get("documents")
+    # chunks as batches and documents as packed sequences work on [B, S, H, D] sources
+    regroup = chunk or documents is not None
+    layout = "bshd" if regroup else site.query.dims
     out_use = site.output
-    out_layout = "bshd" if chunk else out_use.layout
+    out_layout = "bshd" if regroup else out_use.layout
     kwargs: dict[str, Any] = {"layout": layout}
     if out_layout != layout:
         kwargs["out_layout"] = out_layout
@@ -144,13 +178,20 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
         q, k, v = (_in_layout(gm, op, layout, key, site) for op in (site.query, site.key, site.value))
         if chunk:  # [B, S, H, D] -> [B * S/C, C, H, D]: a view for projections, else one copy
             q, k, v = (_reshape(gm, t, _chunk_shape(t, chunk), key, site) for t in (q, k, v))
+        if documents is not None:  # [B, S, H, D] -> [B * S, H, D] tokens, cut into documents
+            q, k, v = (_reshape(gm, t, [-1, *meta(t).shape[2:]], key, site) for t in (q, k, v))
+            cu = _document_offsets(gm, documents, site, key)
+            seqlen = meta(site.query.source).shape[site.query.dims.index("s")]
+            kwargs.update(layout="thd", cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seqlen, max_seqlen_k=seqlen)
+            kwargs.pop("out_layout", None)
         call = gm.graph.call_function(torch.ops.attnopt.attention.default, (q, k, v), kwargs)
         _stamp(call, site, key)
         out = gm.graph.call_function(operator.getitem, (call, 0))
         _stamp(out, site, key)
-        if chunk:
+        if regroup:
             b, s = (meta(site.query.source).shape[site.query.dims.index(a)] for a in "bs")
-            out = _reshape(gm, out, [b, s, *meta(out).shape[2:]], key, site)
+            heads_dim = meta(out).shape[1:] if documents is not None else meta(out).shape[2:]
+            out = _reshape(gm, out, [b, s, *heads_dim], key, site)
             if out_use.layout != "bshd":
                 out = gm.graph.call_function(aten.permute.default, (out, ["bshd".index(a) for a in out_use.layout]))
                 _stamp(out, site, key)

@@ -54,8 +54,8 @@ def lower_to_sdpa(gm: GraphModule, site: AttentionSite, written_mask: Optional[N
     """
     key = _meta_key(gm)
     mask, causal = site.attn_mask, sdpa_causal(site)
-    if site.extra.get("chunk") or site.extra.get("key_limit"):
-        causal = None  # chunks as batches and key lengths have no SDPA argument: keep the mask
+    if site.extra.get("chunk") or site.extra.get("key_limit") or site.extra.get("documents") is not None:
+        causal = None  # chunks, key lengths and documents have no SDPA argument: keep the mask
     if causal is None:
         if written_mask is None:
             raise ValueError(f"{site.name}: window {site.window} ({site.causal_align}) has no SDPA spelling")

@@ -13,7 +13,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..patterns.mask_structure import MaskStructure, analyse_mask
-from ..patterns.normalize import meta, op_name
+from ..patterns.normalize import meta, op_name, same
 from ..patterns.site import AttentionSite
 
 
@@ -31,6 +31,12 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
     q, k = site.query, site.key
     sq, sk = meta(q.source).shape[q.dims.index("s")], meta(k.source).shape[k.dims.index("s")]
     found = structure.describe()
+    if structure.document is not None and structure.chunk is None and structure.padding is None \
+            and structure.key_limit is None and not structure.never:
+        why_not = _documents_as_sequences(site, structure, sq, sk)
+        if why_not is None:
+            return f"{found}: mask removed, documents run as packed sequences (thd)"
+        return f"{found}: kept as an explicit mask ({why_not})"
     if structure.chunk is not None and structure.document is None and structure.padding is None:
         why_not = _chunks_as_batches(site, structure, sq, sk)
         if why_not is None:
@@ -70,6 +76,23 @@ def _chunks_as_batches(site: AttentionSite, structure: MaskStructure, sq: int, s
     site.attn_mask = None
     site.extra["chunk"] = c
     site.is_causal = structure.upper == 0
+    return None
+
+
+def _documents_as_sequences(site: AttentionSite, structure: MaskStructure, sq: int, sk: int) -> Optional[str]:
+    """Same-document self-attention as packed sequences: every document of every row becomes one
+    varlen sequence, cut where the position ids stop increasing by exactly 1 (the definition the
+    mask was proven to use), with the causal/window band applied inside each sequence."""
+    if not same(sq, sk):
+        return "documents need self-attention (equal query and key lengths)"
+    band = MaskStructure(upper=structure.upper, lower=structure.lower).band(sq, sk)
+    if band is None:
+        return "band not expressible as a causal/window diagonal"
+    site.attn_mask = None
+    site.is_causal, site.causal_align, site.window = band
+    if site.is_causal and site.window == (-1, 0):
+        site.window = (-1, -1)
+    site.extra["documents"] = structure.document
     return None
 
 

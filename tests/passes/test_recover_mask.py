@@ -125,7 +125,7 @@ def _transformers_llama(num_layers=2):
 CASES = {
     "plain": ({}, "k - q <= 0: mask removed"),
     "packed": ({"position_ids": torch.cat([torch.arange(10), torch.arange(6)]).repeat(2, 1)},
-               "same document"),
+               "documents run as packed sequences (thd)"),
     "padded": ({"attention_mask": torch.tensor([[0, 0, 0] + [1] * 13, [1] * 16])}, "key padding"),
 }
 
@@ -148,7 +148,7 @@ def test_transformers_llama_compiled(case):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
     assert [s.status for s in capture.result.sites] == ["lowered", "lowered"]
     assert all(expected in s.mask for s in capture.result.sites)
-    if case == "plain":
+    if case != "padded":
         assert not any(s.has_mask for s in capture.result.sites)
         assert capture.result.masks_removed
 
@@ -162,7 +162,11 @@ def test_transformers_llama_exported(case):
     new_ep, result = attnopt.optimize(ep, strict=True, return_result=True)
     torch.testing.assert_close(new_ep.module()(ids, **extra), model(ids, **extra), rtol=1e-4, atol=1e-4)
     assert [s.status for s in result.sites] == ["lowered"] and expected in result.sites[0].mask
-    if case == "plain":
+    if case == "packed":  # the same program serves other document boundaries
+        other = torch.tensor([[5, 6, 7, 0, 1, 2, 3, 4, 9, 1, 2, 3, 4, 5, 6, 7], list(range(16))])
+        torch.testing.assert_close(new_ep.module()(ids, position_ids=other), model(ids, position_ids=other),
+                                   rtol=1e-4, atol=1e-4)
+    if case != "padded":
         sdpa_masks = [sdpa_args(n)["attn_mask"] for n in new_ep.graph.nodes if sdpa_args(n)]
         assert sdpa_masks == []
         assert not any("attn_mask" in n.kwargs for n in new_ep.graph.nodes
@@ -221,7 +225,7 @@ def test_decode_with_grad_keeps_the_mask():
     assert site.has_mask and "inference only" in site.mask
 
 
-@pytest.mark.parametrize("case", ["chunked", "decode", "masked_fill_window"])
+@pytest.mark.parametrize("case", ["chunked", "decode", "masked_fill_window", "packed"])
 def test_portable_target_keeps_masks_sdpa_cannot_express(case):
     from tests.bench_cores import chunked_core, decode_core
 
@@ -230,6 +234,10 @@ def test_portable_target_keeps_masks_sdpa_cannot_express(case):
     elif case == "decode":
         fn = lambda *t: decode_core(*t, 4, 2)
         args = (torch.randn(3, 1, 64), torch.randn(3, 2, 32, 16), torch.randn(3, 2, 32, 16), torch.tensor([20]))
+    elif case == "packed":
+        model = _transformers_llama(num_layers=1)
+        fn = lambda ids, pos: model(ids, position_ids=pos)
+        args = (torch.randint(0, 128, (2, 16)), CASES["packed"][0]["position_ids"])
     else:
         def fn(q, k, v):
             i = torch.arange(q.shape[2])
