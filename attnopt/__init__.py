@@ -4,7 +4,7 @@
     ep = attnopt.optimize(torch.export.export(model, args))
     print(attnopt.explain(model, *args))
 """
-from . import runtime_ops
+from . import distributed, runtime_ops  # distributed: the op under DTensor and context parallel
 from .backend import backend
 from .explain import ExplainReport, explain
 from .export import optimize
@@ -13,5 +13,5 @@ from .runtime_ops import attention
 
 __version__ = "0.1.0"
 
-__all__ = ["ExplainReport", "PassResult", "SiteReport", "attention", "backend", "explain", "optimize", "optimize_graph",
-           "runtime_ops"]
+__all__ = ["ExplainReport", "PassResult", "SiteReport", "attention", "backend", "distributed", "explain", "optimize",
+           "optimize_graph", "runtime_ops"]

@@ -165,6 +165,8 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
         kwargs["window_size"] = list(site.window)
     if site.scale is not None:
         kwargs["scale"] = site.scale
+    if site.softcap:
+        kwargs["softcap"] = site.softcap
     if kernel != "auto":
         kwargs["kernel_name"] = kernel
     with gm.graph.inserting_before(site.node):
@@ -195,6 +197,9 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
             if out_use.layout != "bshd":
                 out = gm.graph.call_function(aten.permute.default, (out, ["bshd".index(a) for a in out_use.layout]))
                 _stamp(out, site, key)
+        if len(meta(out_use.node).shape) == 3:  # a [B*H, Sq, Dv] product (bmm): merge the contiguous B, H
+            out = gm.graph.call_function(aten.flatten.using_ints, (out, 0, 1))
+            _stamp(out, site, key)
     out_use.node.replace_all_uses_with(out)
     chain = set(out_use.skipped)
     if any(u not in chain for u in site.node.users):  # something else reads [B, H, S, D]: a view

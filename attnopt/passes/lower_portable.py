@@ -5,6 +5,7 @@ and v are read as produced through permute views to [B, H, S, D] (SDPA's only la
 repetition becomes ``enable_gqa=True``, a zero pad of V is dropped (SDPA takes a V head dim
 other than q/k's), and the output is permuted to the layout its consumers read. A consumer that
 ``view``s that output is switched to ``reshape``: the permuted output need not be viewable.
+Softcapped scores have no SDPA spelling: such sites stay as written (``sdpa_refusal``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def sdpa_causal(site: AttentionSite) -> Optional[bool]:
     return True if site.causal_align == "top_left" or same(sq, sk) else None
 
 
+def sdpa_refusal(site: AttentionSite) -> Optional[str]:
+    """Why plain SDPA cannot compute ``site`` (None when it can)."""
+    if site.softcap:
+        return f"softcapping (softcap={site.softcap:g}) has no SDPA argument: left as written for target='portable'"
+    return None
+
+
 def _reshape_views(node: Node) -> None:
     """Let ``node``'s consumers read it whatever its strides: view (to a shape) -> reshape."""
     for user in list(node.users):
@@ -52,6 +60,9 @@ def lower_to_sdpa(gm: GraphModule, site: AttentionSite, written_mask: Optional[N
     ``written_mask`` is the explicit mask the site had before mask recovery: it is kept when the
     recovered band is one SDPA cannot express.
     """
+    refusal = sdpa_refusal(site)
+    if refusal is not None:
+        raise ValueError(f"{site.name}: {refusal}")
     key = _meta_key(gm)
     mask, causal = site.attn_mask, sdpa_causal(site)
     if site.extra.get("chunk") or site.extra.get("key_limit") or site.extra.get("documents") is not None:

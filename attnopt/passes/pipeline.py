@@ -13,11 +13,10 @@ from typing import Optional, Union
 from torch.fx import Graph, GraphModule
 
 from ..accounting import annotate
-from ..patterns import AttentionSite, find_sdpa_sites
-from ..patterns.hand_written import find_hand_written_sites
+from ..patterns import AttentionSite, find_hand_written_sites, find_sdpa_sites
 from ..patterns.normalize import shape
 from .lower_attention import lower_to_op
-from .lower_portable import lower_to_sdpa
+from .lower_portable import lower_to_sdpa, sdpa_refusal
 from .recover_mask import erase_dead_masks, recover_mask
 
 log = logging.getLogger("attnopt")
@@ -122,6 +121,8 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
         order = {n: i for i, n in enumerate(work.graph.nodes)}
         found = find_sdpa_sites(work.graph) + find_hand_written_sites(work.graph)
         for site in sorted(found, key=lambda s: order[s.node]):
+            if target == "portable" and site.skip_reason is None:
+                site.skip_reason = sdpa_refusal(site)
             written_mask = site.attn_mask
             if site.skip_reason is None and site.attn_mask is not None:
                 masks.append(site.attn_mask)

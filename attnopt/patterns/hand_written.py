@@ -1,33 +1,73 @@
 """Recognise attention written by hand: ``softmax(q @ kᵀ * scale + mask) @ v``.
 
-Accepted spellings, at both IR levels: ``matmul`` of 4-D [B, H, S, D] tensors with kᵀ as a
-``transpose`` of the last two dims; the scale as a constant ``mul``/``div`` of the scores or of
-q; the mask added (additive), through ``masked_fill(-inf)`` or ``where(cond, s, -inf)``; the
-softmax over the last dim, optionally computed in float32 and cast back; dropout on the
-probabilities; then ``matmul`` with v. Every intermediate must feed only the next step (scores
-or probabilities read elsewhere, e.g. returned as attention weights, keep the site as written).
+Accepted spellings, at both IR levels, in the order they apply to the scores:
+
+- the product: ``matmul`` of 4-D [B, H, S, D] tensors with kᵀ a transpose of k; or ``bmm``,
+  ``matmul`` or Megatron's ``baddbmm(buf, q, kᵀ, beta=0, alpha=scale)`` of 3-D [B*H, S, D]
+  tensors that are provably reshapes merging (B, H) of 4-D tensors (also through transposes, as
+  Megatron's [S, B*H, D] -> ``transpose(0, 1)``), with one B and H for q, k, v and every
+  [B, H, Sq, Sk] view of the scores;
+- the scale: constant ``mul``/``div`` of the scores or of q;
+- softcapping (Gemma 2): ``tanh(scores / cap) * cap``, after the scale and before the mask;
+- the mask: added (additive), ``masked_fill(m, -inf)`` or ``where(keep, s, -inf)``. A finite
+  fill (Megatron's -10000.0) is accepted only where it provably acts as -inf: scores bounded by a
+  softcap so that every masked weight underflows to exactly 0, and a mask proven to leave every
+  row a key (a fully masked row averages every key where -inf keeps none);
+- the softmax over the last dim, dtype casts anywhere (the fp32-softmax idiom), views between
+  [B*H, Sq, Sk] and [B, H, Sq, Sk], dropout on the probabilities, then ``matmul``/``bmm`` with v.
+
+Every intermediate must feed only the next step (scores or probabilities read elsewhere, e.g.
+returned as attention weights, keep the site as written, silently: that is not a rewrite
+candidate). A complete chain with a step whose equivalence cannot be proven is reported as a
+skipped site with the reason.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import Graph, Node
 
-from .normalize import meta, op_name
+from .layout_chain import _is_identity
+from .mask_structure import MaskStructure, analyse_mask
+from .normalize import Canon, _arg, canonical, meta, op_name, same, shape
 from .operands import trace_operands
-from .site import AttentionSite
+from .site import AttentionSite, OutputUse
 
+aten = torch.ops.aten
 _SOFTMAX = {"softmax", "_softmax"}
 _CASTS = {"to", "float", "type_as", "_to_copy", "half", "bfloat16"}
+_PRODUCTS = {"matmul", "bmm", "baddbmm"}
+_ALLOCATIONS = {"empty", "zeros", "empty_like", "zeros_like", "new_empty", "new_zeros"}
+_ASSERT = torch.ops.aten._assert_tensor_metadata.default
+_UNDERFLOW = 1000.0  # exp(-x) is exactly 0 in float32 and float64 for x >= 1000
 
 
 class _NoMatch(Exception):
-    pass
+    """Not attention in a supported spelling: left alone without a report."""
 
 
-_ASSERT = torch.ops.aten._assert_tensor_metadata.default
+class _Unproven(Exception):
+    """Attention, but a step's equivalence to the op is not proven: reported as skipped."""
+
+
+@dataclass
+class _Chain:
+    """What the walk around one softmax found."""
+
+    nodes: list[Node] = field(default_factory=list)  # erased by the lowering once dead
+    scale: float = 1.0  # factors on q·kᵀ before any softcap
+    inner: float = 1.0  # factors between the softcap and the mask
+    outer: float = 1.0  # factors after the mask (on the final scores when there is no mask)
+    softcap: float = 0.0
+    mask: Optional[Node] = None
+    mask_negated: bool = False
+    fill: Optional[float] = None  # masked_fill / where value; None for an additive mask
+    dropout_p: float = 0.0
+    views: list[tuple] = field(default_factory=list)  # [B, H, Sq, Sk] shapes the scores pass through
+    problems: list[str] = field(default_factory=list)  # found on the walk, reported once it completes
 
 
 def _single_user(node: Node, chain: Optional[list[Node]] = None) -> Node:
@@ -47,169 +87,415 @@ def _const(x: Any) -> float:
     raise _NoMatch(f"{x!r} is not a constant")
 
 
-def _last_dim(d: Any, rank: int) -> bool:
-    return d in (-1, rank - 1)
-
-
-def _strip_casts(node: Node, chain: list[Node]) -> Node:
-    """Walk back over dtype casts (the float32-softmax idiom)."""
-    while op_name(node) in _CASTS and isinstance(node.args[0], Node):
-        chain.append(node)
-        node = node.args[0]
-    return node
-
-
-class _Site:
-    def __init__(self) -> None:
-        self.chain: list[Node] = []
-        self.scale = 1.0
-        self.mask: Optional[Node] = None
-        self.mask_negated = False
-        self.dropout_p = 0.0
-
-
-def _scores(node: Node, s: _Site) -> tuple[Node, Node]:
-    """Parse the pre-softmax scores back to matmul(q, kᵀ); return (q, kᵀ)."""
-    while True:
-        name = op_name(node)
-        if name in ("matmul",):
-            q, kt = node.args[0], node.args[1]
-            s.chain.append(node)
-            return q, kt
-        if name in ("mul", "div") and len(node.args) == 2:
-            a, b = node.args
-            tensor, c = (a, b) if isinstance(a, Node) else (b, a)
-            if not isinstance(tensor, Node):
-                raise _NoMatch("scale of two constants")
-            if isinstance(c, Node):
-                raise _NoMatch(f"{node.name} scales by a tensor")
-            s.scale = s.scale * _const(c) if name == "mul" else s.scale / _const(c)
-            if name == "div" and tensor is not a:
-                raise _NoMatch("constant divided by the scores")
-        elif name == "add" and len(node.args) == 2 and all(isinstance(x, Node) for x in node.args):
-            if s.mask is not None:
-                raise _NoMatch("two masks")
-            a, b = node.args
-            scores_side = a if _rank(a) == 4 and _is_scores(a) else b
-            s.mask = b if scores_side is a else a
-            tensor = scores_side
-        elif name == "masked_fill":
-            fill = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-            if not (isinstance(fill, float) and math.isinf(fill) and fill < 0) or s.mask is not None:
-                raise _NoMatch("masked_fill with a value other than -inf")
-            tensor, s.mask, s.mask_negated = node.args[0], node.args[1], True
-        elif name == "where":
-            cond, a, b = node.args[:3]
-            if not (isinstance(b, float) and math.isinf(b) and b < 0) or s.mask is not None:
-                raise _NoMatch("where with a fill other than -inf")
-            tensor, s.mask = a, cond
-        else:
-            raise _NoMatch(f"{node.name} ({name}) before the softmax")
-        s.chain.append(node)
-        if not isinstance(tensor, Node):
-            raise _NoMatch("scores are not a tensor")
-        _single_user(tensor, s.chain)
-        node = tensor
-
-
 def _rank(node: Any) -> int:
     v = meta(node)
     return v.dim() if isinstance(v, torch.Tensor) else -1
 
 
-def _is_scores(node: Node) -> bool:
-    """True when ``node`` leads back to the q @ kᵀ product (and not to a mask)."""
-    seen = 0
-    while isinstance(node, Node) and seen < 16:
-        if op_name(node) == "matmul":
-            return True
-        if not node.args or not isinstance(node.args[0], Node):
+def _factor(node: Node) -> tuple[Node, float]:
+    """(x, f) for ``x * c`` or ``c * x`` (f = c) and ``x / c`` (f = 1 / c), c a constant."""
+    if len(node.args) != 2:
+        raise _NoMatch(f"{node.name} is not a binary op")
+    a, b = node.args
+    tensor, c = (a, b) if isinstance(a, Node) else (b, a)
+    if not isinstance(tensor, Node) or isinstance(c, Node):
+        raise _NoMatch(f"{node.name} does not scale a tensor by a constant")
+    f = _const(c)
+    if op_name(node) == "mul":
+        return tensor, f
+    if tensor is not a or f == 0:
+        raise _NoMatch("a constant divided by the scores")
+    return tensor, 1.0 / f
+
+
+def _merges(four: Node, three: Node, pos: int) -> bool:
+    """``three`` is ``four`` with its adjacent axes pos, pos + 1 merged (row-major, as reshape does)."""
+    fs, ts = shape(four), shape(three)
+    if fs is None or ts is None or len(fs) != 4 or len(ts) != 3:
+        return False
+    rest = zip(fs[:pos] + fs[pos + 2:], ts[:pos] + ts[pos + 1:])
+    return same(fs[pos] * fs[pos + 1], ts[pos]) and all(same(a, b) for a, b in rest)
+
+
+def _head_view(node: Node, k: Canon) -> Optional[tuple]:
+    """The [B, H, X, Y] shape of a reshape between [B*H, X, Y] and [B, H, X, Y] (either way)."""
+    if k.kind != "reshape":
+        return None
+    if _merges(k.input, node, 0):
+        return shape(k.input)
+    return shape(node) if _merges(node, k.input, 0) else None
+
+
+def _passthrough(node: Node, c: _Chain) -> Optional[Node]:
+    """The input of a step that keeps the scores' values: a dtype cast, a copy, or a view
+    between [B*H, Sq, Sk] and [B, H, Sq, Sk] (its 4-D shape is recorded for the B, H check)."""
+    if op_name(node) in _CASTS and node.args and isinstance(node.args[0], Node):
+        return node.args[0]
+    k = canonical(node)
+    if k is None:
+        return None
+    if _is_identity(node, k):
+        return k.input
+    view = _head_view(node, k)
+    if view is None:
+        return None
+    c.views.append(view)
+    return k.input
+
+
+def _leads_to_product(node: Any) -> bool:
+    """True when ``node`` leads back to the q·kᵀ product (and not to a mask)."""
+    for _ in range(16):
+        if not isinstance(node, Node):
             return False
-        node, seen = node.args[0], seen + 1
+        if op_name(node) in _PRODUCTS:
+            return True
+        node = node.args[0] if node.args else None
     return False
 
 
-def _unscale_q(q: Node, s: _Site) -> Node:
-    """Fold a constant pre-scaling of q (``q * scale``) into the site's scale."""
-    while op_name(q) in ("mul", "div") and len(q.users) == 1:
-        a, b = q.args
-        if not isinstance(a, Node) or isinstance(b, Node):
+def _scale(node: Node, c: _Chain) -> Node:
+    tensor, f = _factor(node)
+    if c.softcap:
+        c.scale *= f
+    elif c.mask is None:
+        c.outer *= f
+    else:
+        c.inner *= f
+    return tensor
+
+
+def _is_softcap(node: Node) -> bool:
+    return op_name(node) == "mul" and any(isinstance(a, Node) and op_name(a) == "tanh" for a in node.args)
+
+
+def _softcap(node: Node, c: _Chain) -> Node:
+    """Record ``tanh(x / cap) * cap`` (``node`` is the outer mul) and return x."""
+    tanh, cap = _factor(node)
+    _single_user(tanh, c.nodes)
+    divided = tanh.args[0]
+    if not isinstance(divided, Node) or op_name(divided) not in ("mul", "div"):
+        raise _NoMatch("tanh of unscaled scores is not a softcap")
+    _single_user(divided, c.nodes)
+    x, f = _factor(divided)
+    if cap == 0 or not math.isclose(f * cap, 1.0, rel_tol=1e-9):
+        raise _NoMatch(f"tanh(x * {f:g}) * {cap:g} is not a softcap")
+    if c.softcap:
+        raise _NoMatch("two softcaps")
+    if c.inner != 1.0 or c.outer != 1.0:
+        c.problems.append("a scale applied after softcapping changes the cap")
+    c.softcap = abs(cap)  # odd tanh: -c * tanh(x / -c) == c * tanh(x / c)
+    c.nodes.extend((tanh, divided))
+    return x
+
+
+def _mask_operands(node: Node) -> tuple[Node, Any, Optional[float], bool]:
+    """(scores, mask, fill, negated) of an add / masked_fill / where step."""
+    name = op_name(node)
+    if name == "add":
+        if len(node.args) != 2 or node.kwargs or not all(isinstance(x, Node) for x in node.args):
+            raise _NoMatch("add of a constant or with alpha")
+        a, b = node.args
+        scores = a if _leads_to_product(a) else b
+        if not _leads_to_product(scores):
+            raise _NoMatch("neither addend leads to the scores")
+        return scores, (b if scores is a else a), None, False
+    if name == "masked_fill":
+        scores, mask, fill, negated = node.args[0], node.args[1], _arg(node, 2, "value"), True
+    elif len(node.args) == 3:  # where(keep, scores, fill)
+        mask, scores, fill, negated = *node.args, False
+    else:
+        raise _NoMatch("where without a fill value")
+    fill = _const(fill)
+    if math.isnan(fill) or fill > 0 or fill == math.inf:
+        raise _NoMatch(f"a fill of {fill} does not mask")
+    return scores, mask, fill, negated
+
+
+def _mask(node: Node, c: _Chain) -> Node:
+    """Record the mask of an add / masked_fill / where step; return the scores it reads."""
+    scores, mask, fill, negated = _mask_operands(node)
+    if not isinstance(scores, Node) or not isinstance(mask, Node):
+        raise _NoMatch("the scores or the mask is not a graph tensor")
+    if c.mask is not None:
+        c.problems.append("two masks")
+        return scores
+    if c.softcap:
+        c.problems.append("the mask is applied before softcapping, which caps masked scores at -softcap")
+    ns, ss = shape(node), shape(scores)
+    if ns is None or ss is None or len(ns) != len(ss) or not all(same(a, b) for a, b in zip(ns, ss)):
+        c.problems.append("the mask broadcasts the scores to a larger shape")
+    elif len(ss) == 3 and _rank(mask) == 3 and not same(shape(mask)[0], 1):
+        c.problems.append("a mask over the merged [B*H] axis of 3-D scores")
+    c.mask, c.fill, c.mask_negated = mask, fill, negated
+    return scores
+
+
+def _step(node: Node, c: _Chain) -> Node:
+    """Record one softcap, scale or mask step of the scores; return the scores it reads."""
+    name = op_name(node)
+    if _is_softcap(node):
+        return _softcap(node, c)
+    if name in ("mul", "div"):
+        return _scale(node, c)
+    if name in ("add", "masked_fill", "where"):
+        return _mask(node, c)
+    raise _NoMatch(f"{node.name} ({name}) before the softmax")
+
+
+def _scores(node: Node, c: _Chain) -> Node:
+    """Walk the pre-softmax scores back to the q·kᵀ product (returned)."""
+    while op_name(node) not in _PRODUCTS:
+        tensor = _passthrough(node, c)
+        if tensor is None:
+            tensor = _step(node, c)
+        c.nodes.append(node)
+        _single_user(tensor, c.nodes)
+        node = tensor
+    c.nodes.append(node)
+    return node
+
+
+def _dropout(node: Node) -> float:
+    """The probability a dropout step drops with (0 outside training)."""
+    p, train = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", node.kwargs.get("train", True))
+    if not isinstance(train, bool) or (train and isinstance(p, Node)):
+        raise _NoMatch("dropout with a computed probability or mode")
+    return float(p) if train else 0.0
+
+
+def _probs(softmax: Node, c: _Chain) -> Node:
+    """Walk forward from the softmax over casts, views and dropout to the product with v."""
+    last, node = softmax, _single_user(softmax, c.nodes)
+    while op_name(node) not in ("matmul", "bmm"):
+        if node.args and node.args[0] is not last:
+            raise _NoMatch(f"{node.name} does not read the probabilities first")
+        if op_name(node) == "dropout":
+            c.dropout_p = _dropout(node)
+        elif _passthrough(node, c) is None:
+            raise _NoMatch(f"{node.name} ({op_name(node)}) after the softmax")
+        c.nodes.append(node)
+        last, node = node, _single_user(node, c.nodes)
+    if node.args[0] is not last:
+        raise _NoMatch("the probabilities do not meet v in a matmul")
+    return node
+
+
+class _Scaffold:
+    """Views that exist only while ``trace_operands`` reads them: the [B, H, S, D] tensors a 3-D
+    spelling never materialises. Erased before the recogniser returns."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+
+    def view(self, target: Callable, source: Node, *args: Any) -> Node:
+        with source.graph.inserting_after(source):
+            node = source.graph.call_function(target, (source, *args))
+        node.meta["val" if "val" in source.meta else "example_value"] = target(meta(source), *args)
+        self.nodes.append(node)
+        return node
+
+    def erase(self) -> None:
+        for node in reversed(self.nodes):
+            node.graph.erase_node(node)
+
+
+def _input_labels(k: Canon, labels: str) -> str:
+    """Axis labels of ``k.input`` given those of the transpose/permute's output."""
+    out = list(labels)
+    if k.kind == "transpose":
+        d0, d1 = k.params
+        out[d0], out[d1] = out[d1], out[d0]
+        return "".join(out)
+    for i, p in enumerate(k.params):
+        out[p] = labels[i]
+    return "".join(out)
+
+
+def _split_heads(node: Node, labels: str, c: _Chain) -> tuple[Node, str]:
+    """The 4-D tensor a 3-D operand is a reshape of, and its axis labels: ``labels`` name the
+    operand's axes with 'n' for the merged batch*heads axis, which the reshape must split into
+    adjacent (b, h) axes. Transposes and copies on the way are crossed."""
+    while (k := canonical(node)) is not None:
+        if k.kind in ("transpose", "permute"):
+            labels = _input_labels(k, labels)
+        elif k.kind == "reshape" and _merges(k.input, node, labels.index("n")):
+            c.nodes.append(node)
+            return k.input, labels.replace("n", "bh")
+        elif not _is_identity(node, k):
             break
-        s.scale = s.scale * _const(b) if op_name(q) == "mul" else s.scale / _const(b)
-        s.chain.append(q)
-        q = a
+        c.nodes.append(node)
+        node = k.input
+    raise _Unproven(f"the 3-D operand {node.name} is not provably a reshape of a 4-D [B, H, S, D] tensor")
+
+
+def _operand(node: Node, labels: str, c: _Chain, scaffold: _Scaffold) -> Node:
+    """A node whose value is the operand read as [B, H, S, D]: ``labels`` name ``node``'s axes
+    ('bhds' for a 4-D kᵀ, 'nsd'/'nds' for 3-D operands with the merged batch*heads axis 'n').
+    3-D operands always go through a scaffold view, so that the in-place check of
+    ``trace_operands`` spans the reshape, which may have copied."""
+    if _rank(node) != len(labels):
+        raise _Unproven(f"{node.name} has {_rank(node)} dims where the product reads {len(labels)}")
+    if "n" in labels:
+        node, labels = _split_heads(node, labels, c)
+    elif labels == "bhsd":
+        return node
+    elif (k := canonical(node)) is not None and k.kind in ("transpose", "permute") \
+            and _input_labels(k, labels) == "bhsd":
+        c.nodes.append(node)
+        return k.input
+    return scaffold.view(aten.permute.default, node, [labels.index(a) for a in "bhsd"])
+
+
+def _qk_operands(product: Node, c: _Chain) -> tuple[Node, Node]:
+    """(q, kᵀ) of the scores product; baddbmm's alpha joins the scale, its input must be ignored."""
+    if op_name(product) != "baddbmm":
+        return product.args[0], product.args[1]
+    beta, alpha = product.kwargs.get("beta", 1), product.kwargs.get("alpha", 1)
+    if isinstance(beta, Node) or beta != 0:
+        raise _Unproven(f"baddbmm adds beta={beta} times its input to the scores")
+    if isinstance(alpha, Node):
+        raise _Unproven("baddbmm's alpha is computed in the graph")
+    c.scale *= _const(alpha)
+    buffer = product.args[0]
+    if isinstance(buffer, Node) and op_name(buffer) in _ALLOCATIONS and len(buffer.users) == 1:
+        c.nodes.append(buffer)  # the allocation only baddbmm read (and ignored with beta=0)
+    return product.args[1], product.args[2]
+
+
+def _unscale_q(q: Node, c: _Chain) -> Node:
+    """Fold a constant pre-scaling of q (``q * scale``) into the scale."""
+    while op_name(q) in ("mul", "div") and len(q.users) == 1:
+        try:
+            x, f = _factor(q)
+        except _NoMatch:
+            break
+        c.scale *= f
+        c.nodes.append(q)
+        q = x
     return q
 
 
-def _key(kt: Node, s: _Site) -> Node:
-    """k from kᵀ: a transpose of the last two dims of a 4-D tensor."""
-    name = op_name(kt)
-    rank = _rank(kt)
-    if name == "transpose" and sorted(d % rank for d in kt.args[1:3]) == [rank - 2, rank - 1]:
-        if len(kt.users) == 1:
-            s.chain.append(kt)
-        return kt.args[0]
-    if name == "permute":
-        dims = list(kt.args[1] if isinstance(kt.args[1], (list, tuple)) else kt.args[1:])
-        if [d % rank for d in dims] == [0, 1, 3, 2]:
-            if len(kt.users) == 1:
-                s.chain.append(kt)
-            return kt.args[0]
-    raise _NoMatch("the second matmul operand is not kᵀ")
+def _output(pv: Node, q4: Node, c: _Chain, scaffold: _Scaffold) -> Node:
+    """The [B, H, Sq, Dv] node the site ends at: a 4-D product; the view of a 3-D product to
+    [B, H, Sq, Dv] when that is its only reader; else a scaffold view (the lowering then delivers
+    the [B*H, Sq, Dv] tensor the product's readers read)."""
+    if _rank(pv) == 4:
+        return pv
+    b, h = shape(q4)[:2]
+    if len(pv.users) == 1:
+        view = next(iter(pv.users))
+        k = canonical(view)
+        if k is not None and k.kind == "reshape" and k.input is pv and _merges(view, pv, 0) \
+                and same(shape(view)[0], b) and same(shape(view)[1], h):
+            c.nodes.append(pv)
+            return view
+    return scaffold.view(aten.unflatten.int, pv, 0, [b, h])
 
 
-def _match(softmax: Node) -> Optional[AttentionSite]:
-    s = _Site()
-    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
-    if _rank(softmax) != 4 or not _last_dim(dim, 4):
-        raise _NoMatch("softmax is not over the last dim of 4-D scores")
-    s.chain.append(softmax)
-    scores = _strip_casts(softmax.args[0], s.chain)
-    _single_user(scores, s.chain)
-    q, kt = _scores(scores, s)
-    q = _unscale_q(q, s)
-    k = _key(kt, s)
-    # forward from the softmax: casts, dropout, then @ v
-    node = _single_user(softmax, s.chain)
-    while True:
-        name = op_name(node)
-        if name in _CASTS:
-            s.chain.append(node)
-            node = _single_user(node, s.chain)
-        elif name in ("dropout", "native_dropout"):
-            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", node.kwargs.get("train", True))
-            if not isinstance(train, bool) or (train and isinstance(p, Node)):
-                raise _NoMatch("dropout with a computed probability or mode")
-            s.dropout_p = float(p) if train else 0.0
-            s.chain.append(node)
-            node = _single_user(node, s.chain)
-        else:
-            break
-    if op_name(node) != "matmul" or node.args[0] not in s.chain:
-        raise _NoMatch("the probabilities do not meet v in a matmul")
-    v = node.args[1]
-    if any(_rank(t) != 4 for t in (q, k, v)):
-        raise _NoMatch("q, k, v are not 4-D")
-    if not (meta(q).dtype == meta(k).dtype == meta(v).dtype == meta(node).dtype):
-        raise _NoMatch("q, k, v and the output differ in dtype")
-    site = AttentionSite(node, "hand_written", attn_mask=s.mask, dropout_p=s.dropout_p, scale=s.scale)
-    site.extra["chain"] = list(s.chain)
-    site.extra["mask_negated"] = s.mask_negated
-    site.query, site.key, site.value, site.output = trace_operands(node, q, k, v)
-    hq = meta(q).shape[1]
-    hk = meta(site.key.source).shape[site.key.dims.index("h")]
-    if meta(k).shape[1] != hq:
-        raise _NoMatch("q and k disagree on heads before any repetition")
+def _check_shapes(q4: Node, k4: Node, v4: Node, out: Node, c: _Chain) -> None:
+    """q, k, v and every 4-D view of the scores agree on B and H (a 3-D product pairs its
+    batch*heads rows by index, so every reshape must split them alike), and on dtype."""
+    b, h = shape(q4)[:2]
+    for name, node in (("k", k4), ("v", v4)):
+        if not (same(shape(node)[0], b) and same(shape(node)[1], h)):
+            raise _Unproven(f"q and {name} differ in batch or heads before any repetition")
+    if not all(same(view[0], b) and same(view[1], h) for view in c.views):
+        raise _Unproven("a view of the scores splits batch*heads unlike q")
+    if not (meta(q4).dtype == meta(k4).dtype == meta(v4).dtype == meta(out).dtype):
+        raise _Unproven("q, k, v and the output differ in dtype")
+
+
+def _keeps_a_key_per_row(structure: MaskStructure, sq: Any, sk: Any) -> bool:
+    """Every query row keeps at least key k == q (a band around the diagonal, Sq <= Sk)."""
+    diagonal = (structure.upper is None or structure.upper >= 0) and (structure.lower is None or structure.lower <= 0)
+    fits = same(sq, sk) or (isinstance(sq, int) and isinstance(sk, int) and sq <= sk)
+    return structure.band_only and diagonal and fits
+
+
+def _check_fill(c: _Chain, sq: Any, sk: Any) -> None:
+    """A finite fill acts as -inf only when every masked weight exp(fill - row max) underflows
+    to exactly 0, which needs scores bounded below (softcapped: > -cap), and no row is fully
+    masked (there the fill averages every key, where -inf keeps none)."""
+    if c.fill is None or c.fill == -math.inf:
+        return
+    if not c.softcap or c.fill + c.softcap > -_UNDERFLOW:
+        raise _Unproven(f"masked with {c.fill:g}, not -inf: a masked key keeps weight exp({c.fill:g} - row max), "
+                        "not provably 0 for scores without a softcap bound")
+    structure = analyse_mask(c.mask, negate=c.mask_negated)
+    if isinstance(structure, str) or not _keeps_a_key_per_row(structure, sq, sk):
+        raise _Unproven(f"masked with {c.fill:g}, not -inf: a row may be fully masked, where the fill "
+                        "averages every key and -inf keeps none")
+
+
+def _total_scale(c: _Chain) -> float:
+    """The op's scale; a factor after the mask scales the mask too, which only a -inf fill
+    survives (times a positive factor)."""
+    if c.outer != 1.0 and c.mask is not None and not (c.fill == -math.inf and c.outer > 0):
+        raise _Unproven("a scale applied after the mask scales the mask too")
+    return c.scale * c.inner * c.outer
+
+
+def _site(qk: Node, pv: Node, c: _Chain) -> AttentionSite:
+    """The canonical site of a complete chain, or _Unproven naming the first step not proven."""
+    if c.problems:
+        raise _Unproven(c.problems[0])
+    q, kt = _qk_operands(qk, c)
+    q = _unscale_q(q, c)
+    three = {"q": "nsd", "k": "nds", "v": "nsd"}
+    four = {"q": "bhsd", "k": "bhds", "v": "bhsd"}
+    scaffold = _Scaffold()
+    try:
+        labels = four if _rank(qk) == 4 else three
+        q4, k4 = _operand(q, labels["q"], c, scaffold), _operand(kt, labels["k"], c, scaffold)
+        v4 = _operand(pv.args[1], (four if _rank(pv) == 4 else three)["v"], c, scaffold)
+        _check_shapes(q4, k4, v4, pv, c)
+        _check_fill(c, shape(q4)[2], shape(k4)[2])
+        end = _output(pv, q4, c, scaffold)
+        q_op, k_op, v_op, out = trace_operands(end, q4, k4, v4)
+        if any(op.source in scaffold.nodes for op in (q_op, k_op, v_op)):
+            raise _Unproven("an in-place write keeps a 3-D operand from being read as produced")
+        for op in (q_op, k_op, v_op):
+            op.skipped = [n for n in op.skipped if n not in scaffold.nodes]
+        hq = shape(q4)[1]
+    finally:
+        scaffold.erase()
+    if end in scaffold.nodes:
+        end, out = pv, OutputUse(pv, "bhsd")
+    hk = shape(k_op.source)[k_op.dims.index("h")]
     if hq % hk:
-        raise _NoMatch("query heads are not a multiple of key heads")
+        raise _Unproven("query heads are not a multiple of key heads")
+    site = AttentionSite(end, "hand_written", attn_mask=c.mask, dropout_p=c.dropout_p, scale=_total_scale(c),
+                         softcap=c.softcap)
+    site.extra["chain"] = list(c.nodes)
+    site.extra["mask_negated"] = c.mask_negated
+    site.query, site.key, site.value, site.output = q_op, k_op, v_op, out
     return site
 
 
+def _match(softmax: Node) -> AttentionSite:
+    c = _Chain()
+    rank = _rank(softmax)
+    if rank not in (3, 4) or _arg(softmax, 1, "dim") not in (-1, rank - 1):
+        raise _NoMatch("softmax is not over the last dim of 3-D or 4-D scores")
+    c.nodes.append(softmax)
+    scores = softmax.args[0]
+    if not isinstance(scores, Node):
+        raise _NoMatch("softmax of a constant")
+    _single_user(scores, c.nodes)
+    qk = _scores(scores, c)
+    pv = _probs(softmax, c)
+    try:
+        return _site(qk, pv, c)
+    except _Unproven as e:
+        return AttentionSite(pv, "hand_written", attn_mask=c.mask, skip_reason=str(e))
+
+
 def find_hand_written_sites(graph: Graph) -> list[AttentionSite]:
-    """Every softmax(q @ kᵀ) @ v chain in ``graph`` that can be proven to be attention."""
+    """Every softmax(q @ kᵀ) @ v chain in ``graph``: proven ones ready to lower, the others
+    with the reason they stay as written."""
     sites = []
-    for node in graph.nodes:
+    for node in list(graph.nodes):  # a snapshot: the scaffold adds and erases nodes
         if op_name(node) not in _SOFTMAX:
             continue
         try:

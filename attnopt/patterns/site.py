@@ -47,6 +47,7 @@ class AttentionSite:
     causal_align: str = "top_left"  # where the causal/window diagonal sits when Sq != Sk
     window: tuple[int, int] = (-1, -1)  # (left, right) around that diagonal; -1 = unbounded
     scale: Union[float, Node, None] = None
+    softcap: float = 0.0  # scores capped to softcap * tanh(scores / softcap) before the mask; 0 = none
     skip_reason: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -2,7 +2,8 @@
 
 Speaks SDPA's and flash-attn's language (``query``, ``key``, ``value``, ``attn_mask``,
 ``is_causal``, ``scale``, ``dropout_p``, ``window_size``, ``cu_seqlens_q/k``,
-``max_seqlen_q/k``) plus ``layout``: where the head axis is (bhsd, bshd, sbhd, or packed thd).
+``max_seqlen_q/k``, ``softcap``) plus ``layout``: where the head axis is (bhsd, bshd, sbhd, or packed
+thd).
 Inputs are read in place with any strides; the output is contiguous in ``out_layout``.
 
 The op returns (out, lse, rng_state) so that backward runs the matching kernel's backward
@@ -27,7 +28,8 @@ _ARGS = (
     "Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0., "
     'bool is_causal=False, float? scale=None, str layout="bhsd", str? out_layout=None, '
     'str causal_align="top_left", int[2] window_size=[-1, -1], Tensor? cu_seqlens_q=None, '
-    'Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, str kernel_name="auto", Tensor? seqused_k=None'
+    'Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, str kernel_name="auto", '
+    "Tensor? seqused_k=None, float softcap=0."
 )
 
 
@@ -66,9 +68,10 @@ def _record(direction: str, kernel: str, spec: AttnSpec) -> None:
 
 
 def _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-          window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None) -> AttnSpec:
+          window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None, softcap=0.0) -> AttnSpec:
     return build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout,
-                      causal_align, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
+                      causal_align, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                      softcap)
 
 
 def _varlen_spec(spec: AttnSpec, q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor) -> tuple[AttnSpec, list[int], list[int]]:
@@ -143,7 +146,7 @@ def _select(spec: AttnSpec, kernel: str) -> kernels.Kernel:
 
 
 # Defined with torch.library.define/impl rather than custom_op: the custom_op wrapper re-binds
-# all sixteen arguments on every call, which costs more host time than a fast kernel launch.
+# all its arguments on every call, which costs more host time than a fast kernel launch.
 torch.library.define("attnopt::attention", f"({_ARGS}) -> (Tensor, Tensor, Tensor)")
 torch.library.define("attnopt::attention_backward",
                      f"(Tensor grad_out, Tensor out, Tensor lse, Tensor rng_state, {_ARGS}) -> (Tensor, Tensor, Tensor)")
@@ -152,9 +155,10 @@ torch.library.define("attnopt::attention_backward",
 @torch.library.impl("attnopt::attention", "CompositeExplicitAutograd")
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, layout="bhsd",
                out_layout=None, causal_align="top_left", window_size=(-1, -1), cu_seqlens_q=None,
-               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto", seqused_k=None):
+               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto", seqused_k=None,
+               softcap=0.0):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
+                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
     if spec.varlen:
         spec, offs_q, offs_k = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     kern = _select(spec, kernel_name)
@@ -172,9 +176,10 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 @torch.library.register_fake("attnopt::attention")
 def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     layout="bhsd", out_layout=None, causal_align="top_left", window_size=(-1, -1),
-                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto", seqused_k=None):
+                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto",
+                    seqused_k=None, softcap=0.0):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
+                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
     if kernel_name not in kernels.KERNEL_NAMES:
         raise ValueError(f"attnopt.attention: unknown kernel {kernel_name!r}; choose from {kernels.KERNEL_NAMES}")
     total_q = query.shape[0]
@@ -188,9 +193,9 @@ def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 def _attention_backward(grad_out, out, lse, rng_state, query, key, value, attn_mask=None, dropout_p=0.0,
                         is_causal=False, scale=None, layout="bhsd", out_layout=None, causal_align="top_left",
                         window_size=(-1, -1), cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                        max_seqlen_k=None, kernel_name="auto", seqused_k=None):
+                        max_seqlen_k=None, kernel_name="auto", seqused_k=None, softcap=0.0):
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
+                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
     if spec.varlen:
         spec, offs_q, offs_k = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     kern = _select(spec, kernel_name)
@@ -216,7 +221,7 @@ def _attention_backward_fake(grad_out, out, lse, rng_state, query, key, value, *
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "layout", "out_layout",
           "causal_align", "window_size", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "kernel_name",
-          "seqused_k")
+          "seqused_k", "softcap")
 
 
 _TENSOR_ARGS = ("query", "key", "value", "attn_mask", "cu_seqlens_q", "cu_seqlens_k", "seqused_k")
@@ -243,12 +248,12 @@ def _backward(ctx, grad_out, grad_lse, grad_rng):
     return (dq, dk, dv) + (None,) * (len(_NAMES) - 3)
 
 
-_DEFAULTS = (None, 0.0, False, None, "bhsd", None, "top_left", [-1, -1], None, None, None, None, "auto", None)
+_DEFAULTS = (None, 0.0, False, None, "bhsd", None, "top_left", [-1, -1], None, None, None, None, "auto", None, 0.0)
 
 
 class _AttentionFunction(torch.autograd.Function):
     """Autograd for attnopt::attention; registered by hand rather than with register_autograd,
-    whose per-call re-binding of the sixteen arguments costs more host time than the kernel."""
+    whose per-call re-binding of all its arguments costs more host time than the kernel."""
 
     @staticmethod
     def forward(ctx, *args):
@@ -287,6 +292,7 @@ def attention(
     max_seqlen_k: Optional[int] = None,
     kernel: str = "auto",
     seqused_k: Optional[Tensor] = None,
+    softcap: float = 0.0,
     return_lse: bool = False,
 ):
     """Fused attention on tensors in any supported layout; returns out (and lse if asked).
@@ -295,12 +301,13 @@ def attention(
     attend) or additive and broadcasts to [B, Hq, Sq, Sk]. ``window_size`` is (left, right)
     around the diagonal, which ``causal_align`` puts at the top-left (SDPA) or the bottom-right
     (flash-attn) corner when Sq != Sk. ``seqused_k`` (int32 [B]) limits batch b to its first
-    ``seqused_k[b]`` keys (a partly filled KV cache). ``kernel`` forces one of ``KERNEL_NAMES``
-    (the op's ``kernel_name`` argument).
+    ``seqused_k[b]`` keys (a partly filled KV cache). ``softcap`` > 0 caps the scaled scores to
+    ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2). ``kernel`` forces one of
+    ``KERNEL_NAMES`` (the op's ``kernel_name`` argument).
     """
     out, lse, _ = torch.ops.attnopt.attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-        list(window_size), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kernel, seqused_k,
+        list(window_size), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kernel, seqused_k, softcap,
     )
     return (out, lse) if return_lse else out
 
@@ -311,10 +318,10 @@ def kernel_for(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
                window_size: Sequence[int] = (-1, -1), max_seqlen_q: Optional[int] = None,
                max_seqlen_k: Optional[int] = None, cu_seqlens_q: Optional[Tensor] = None,
                cu_seqlens_k: Optional[Tensor] = None, kernel: str = "auto",
-               seqused_k: Optional[Tensor] = None) -> str:
+               seqused_k: Optional[Tensor] = None, softcap: float = 0.0) -> str:
     """The name of the kernel :func:`attention` would run for these arguments."""
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
+                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
     if spec.varlen:
         spec, _, _ = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     return _select(spec, kernel).name

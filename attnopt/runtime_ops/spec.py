@@ -48,6 +48,7 @@ class AttnSpec:
     mask_dtype: Optional[torch.dtype]
     equal_seqlens: bool = False
     seqused: bool = False  # per-batch key lengths (seqused_k) given
+    softcap: float = 0.0  # scores become softcap * tanh(scores / softcap) before the mask; 0 = off
 
     @property
     def varlen(self) -> bool:
@@ -99,6 +100,7 @@ def build_spec(
     max_seqlen_q: Optional[int],
     max_seqlen_k: Optional[int],
     seqused_k: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ) -> AttnSpec:
     """Validate a call and describe it. Raises ValueError naming the first problem found."""
     if layout not in LAYOUTS:
@@ -132,6 +134,8 @@ def build_spec(
         right = 0
     if not 0.0 <= dropout_p < 1.0:
         _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not softcap >= 0.0:
+        _fail(f"softcap must be >= 0 (0 = no softcapping), got {softcap}")
 
     if layout == "thd":
         if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
@@ -212,6 +216,7 @@ def build_spec(
         mask_dtype=mask_dtype,
         equal_seqlens=layout != "thd" and sq == sk,
         seqused=seqused_k is not None,
+        softcap=float(softcap),
     )
 
 

@@ -12,7 +12,7 @@ import attnopt.runtime_ops as R
 from attnopt.runtime_ops import kernels
 from attnopt.runtime_ops.attention import _varlen_spec as varlen_spec
 from attnopt.runtime_ops.spec import build_spec
-from tests.runtime_ops.variants import VARIANTS, make_inputs, reference, rel_err
+from tests.runtime_ops.variants import SOFTCAP_VARIANTS, VARIANTS, make_inputs, reference, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -31,13 +31,13 @@ def _spec(q, k, v, kw):
     a = dict(kw)
     return build_spec(q, k, v, a.get("attn_mask"), 0.0, a["is_causal"], None, a["layout"], a.get("out_layout"),
                       a["causal_align"], a["window_size"], a.get("cu_seqlens_q"), a.get("cu_seqlens_k"),
-                      a.get("max_seqlen_q"), a.get("max_seqlen_k"))
+                      a.get("max_seqlen_q"), a.get("max_seqlen_k"), softcap=a.get("softcap", 0.0))
 
 
 def test_every_variant_on_every_cuda_kernel():
     rows, failures = [], []
     device = torch.device("cuda")
-    for variant in map(_gpu_variant, VARIANTS):
+    for variant in map(_gpu_variant, VARIANTS + SOFTCAP_VARIANTS):
         q, k, v, kw = make_inputs(variant, torch.bfloat16, "cuda")
         q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
         ref64 = reference(q64, k64, v64, kw)

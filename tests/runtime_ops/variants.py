@@ -37,6 +37,7 @@ class Variant:
     window: tuple[int, int] = (-1, -1)
     mask: Optional[str] = None  # "bool" or "additive"
     seqlens: Optional[tuple[int, ...]] = None  # packed thd self-attention
+    softcap: float = 0.0
 
     def scaled(self, **kw) -> "Variant":
         return dataclasses.replace(self, **kw)
@@ -64,6 +65,14 @@ VARIANTS = [
     Variant("thd", layout="thd", seqlens=(5, 11, 16), heads_q=8, heads_kv=2, is_causal=True),
     Variant("thd_window", layout="thd", seqlens=(9, 3, 20), window=(4, 0)),
 ]
+# Softcapped scores (Gemma 2): only FA4 and the math kernel take them.
+SOFTCAP_VARIANTS = [
+    Variant("softcap_gqa_causal", heads_q=8, heads_kv=2, is_causal=True, softcap=1.5),
+    Variant("softcap_window_mask", window=(5, 0), mask="additive", softcap=2.0),
+    Variant("softcap_mla_bottom_right", seqlen_q=8, seqlen_k=24, dim_qk=48, is_causal=True,
+            causal_align="bottom_right", softcap=1.0),
+    Variant("softcap_thd", layout="thd", seqlens=(5, 11, 16), heads_q=8, heads_kv=2, is_causal=True, softcap=1.5),
+]
 
 
 def make_inputs(v: Variant, dtype: torch.dtype, device: str, requires_grad: bool = True, seed: int = 0):
@@ -75,6 +84,8 @@ def make_inputs(v: Variant, dtype: torch.dtype, device: str, requires_grad: bool
 
     kwargs: dict = dict(is_causal=v.is_causal, layout=v.layout, out_layout=v.out_layout,
                         causal_align=v.causal_align, window_size=v.window)
+    if v.softcap:
+        kwargs["softcap"] = v.softcap
     if v.layout == "thd":
         total = sum(v.seqlens)
         q, k, val = rnd(total, v.heads_q, v.dim_qk), rnd(total, v.heads_kv, v.dim_qk), rnd(total, v.heads_kv, v.dim_v)
@@ -116,12 +127,14 @@ def _band(sq: int, sk: int, window: tuple[int, int], causal: bool, align: str) -
     return keep
 
 
-def _dense_reference(q, k, v, mask, scale, causal, window, align):
+def _dense_reference(q, k, v, mask, scale, causal, window, align, softcap):
     """q,k,v: [B, H, S, D] float64 on CPU."""
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     keep = _band(q.shape[2], k.shape[2], window, causal, align).to(s.device)
     s = s.masked_fill(~keep, float("-inf"))
     if mask is not None:
@@ -137,7 +150,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Tensor:
     q64, k64, v64 = (t.double().cpu() for t in (q, k, v))
     mask = kwargs.get("attn_mask")
     mask = None if mask is None else mask.cpu()
-    args = (scale, kwargs["is_causal"], kwargs["window_size"], kwargs["causal_align"])
+    args = (scale, kwargs["is_causal"], kwargs["window_size"], kwargs["causal_align"], kwargs.get("softcap", 0.0))
     if layout == "thd":
         cu = kwargs["cu_seqlens_q"].tolist()
         outs = []

@@ -2,8 +2,8 @@
 
 It reads strided inputs in place and takes GQA natively (checked once per process, since older
 torch builds did not). It needs equal q/k and v head dims, so MLA-shaped calls get the smaller
-side zero-padded and the output trimmed; it has no dropout; bands other than top-left causal go
-in as an additive mask.
+side zero-padded and the output trimmed; it has no dropout and no softcapping; bands other than
+top-left causal go in as an additive mask.
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ class CpuFlashKernel(Kernel):
             return f"dtype {spec.dtype} is not supported"
         if spec.dropout_p > 0:
             return "no dropout"
+        if spec.softcap:
+            return "no softcapping"
         if spec.heads_q != spec.heads_kv and not _native_gqa():
             return "this torch build's CPU kernel has no grouped-query attention"
         return None

@@ -8,6 +8,8 @@ log-sum-exp and RNG state and runs the matching backward without recomputing the
   versions; cuDNN and EFFICIENT serve dropout).
 - EFFICIENT (memory-efficient): q/k head dim != v head dim, masks, both causal alignments,
   dropout; no GQA; operands are made contiguous BSHD (its backward needs that).
+
+None of them softcaps scores (FA4 and the math kernel do).
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class CudnnKernel(Kernel):
     def unsupported(self, spec: AttnSpec) -> Optional[str]:
         if spec.dtype not in _HALF:
             return "needs float16 or bfloat16"
+        if spec.softcap:
+            return "no softcapping"
         if spec.dim_qk > 256 or spec.dim_v > 256 or spec.dim_qk % 8 or spec.dim_v % 8:
             return "head dims must be multiples of 8 up to 256"
         if spec.has_band and not (spec.is_causal and spec.window[0] < 0 and spec.band_is_top_left()):
@@ -99,6 +103,8 @@ class FlashKernel(Kernel):
     def unsupported(self, spec: AttnSpec) -> Optional[str]:
         if spec.dtype not in _HALF:
             return "needs float16 or bfloat16"
+        if spec.softcap:
+            return "no softcapping"
         if spec.dropout_p > 0:
             return "dropout is left to cuDNN and EFFICIENT, whose RNG state the op carries"
         if spec.dim_qk != spec.dim_v:
@@ -162,6 +168,8 @@ class EfficientKernel(Kernel):
     def unsupported(self, spec: AttnSpec) -> Optional[str]:
         if spec.dtype not in (*_HALF, torch.float32):
             return "needs float16, bfloat16 or float32"
+        if spec.softcap:
+            return "no softcapping"
         if spec.heads_q != spec.heads_kv:
             return "no grouped-query attention"
         if spec.has_band and not (spec.is_causal and spec.window[0] < 0):

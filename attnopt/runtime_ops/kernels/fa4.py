@@ -1,8 +1,9 @@
 """FlashAttention-4 (``flash_attn.cute``), the fastest kernel measured on Hopper and Blackwell.
 
 GQA by head count, q/k head dim != v head dim, bottom-right causal and sliding windows, packed
-(thd) sequences. No dropout and no explicit mask. Importing ``flash_attn.cute`` JIT-loads CuTe
-DSL and takes seconds, so it happens on first use, never at ``import attnopt``.
+(thd) sequences, softcapping (forward and backward). No dropout and no explicit mask. Importing
+``flash_attn.cute`` JIT-loads CuTe DSL and takes seconds, so it happens on first use, never at
+``import attnopt``.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class FA4Kernel(Kernel):
         if spec.heads_q != spec.heads_kv and spec.dim_qk != spec.dim_v:
             return "GQA backward needs equal q/k and v head dims"
         major, _ = torch.cuda.get_device_capability(spec.device)
+        if spec.softcap and (major >= 12 or (major >= 10 and spec.dim_qk == spec.dim_v == 256)):
+            return "its backward has no softcapping on sm120, nor for head dim 256 on sm100"
         if major == 9:  # FA4's sm90 rule, checked without importing it (that takes seconds)
             return None
         try:
@@ -76,7 +79,8 @@ class FA4Kernel(Kernel):
     def forward(self, spec, q, k, v, mask, seqused_k=None):
         t = lambda x: x.transpose(1, 2)
         out, lse, *_ = _interface()._flash_attn_fwd(
-            t(q), t(k), t(v), softmax_scale=spec.scale, return_lse=True, seqused_k=seqused_k, **self._window(spec)
+            t(q), t(k), t(v), softmax_scale=spec.scale, softcap=spec.softcap, return_lse=True, seqused_k=seqused_k,
+            **self._window(spec),
         )
         return out.transpose(1, 2), lse, empty_rng(q.device)
 
@@ -84,20 +88,22 @@ class FA4Kernel(Kernel):
         t = lambda x: x.transpose(1, 2)
         w = self._window(spec)
         dq, dk, dv = _interface()._flash_attn_bwd(
-            t(q), t(k), t(v), t(out), t(grad_out), lse, spec.scale, w.pop("causal"), 0.0, seqused_k=seqused_k, **w
+            t(q), t(k), t(v), t(out), t(grad_out), lse, spec.scale, w.pop("causal"), spec.softcap, seqused_k=seqused_k,
+            **w
         )[:3]
         return t(dq), t(dk), t(dv)
 
     def forward_varlen(self, spec, q, k, v, cu_q, cu_k):
         out, lse, *_ = _interface()._flash_attn_fwd(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=spec.seqlen_q,
-            max_seqlen_k=spec.seqlen_k, softmax_scale=spec.scale, return_lse=True, **self._window(spec),
+            max_seqlen_k=spec.seqlen_k, softmax_scale=spec.scale, softcap=spec.softcap, return_lse=True,
+            **self._window(spec),
         )
         return out, lse, empty_rng(q.device)
 
     def backward_varlen(self, spec, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k) -> Grads:
         w = self._window(spec)
         return _interface()._flash_attn_bwd(
-            q, k, v, out, grad_out, lse, spec.scale, w.pop("causal"), 0.0, cu_seqlens_q=cu_q,
+            q, k, v, out, grad_out, lse, spec.scale, w.pop("causal"), spec.softcap, cu_seqlens_q=cu_q,
             cu_seqlens_k=cu_k, max_seqlen_q=spec.seqlen_q, max_seqlen_k=spec.seqlen_k, **w,
         )[:3]

@@ -1,5 +1,5 @@
 """Reference attention with an explicit softmax in float32 (float64 for float64 inputs):
-every feature, any device.
+every feature (softcapping included), any device.
 
 Used as the last resort and as the reference the tests compare fused kernels against. GQA is
 computed by grouping query heads ([B, Hkv, R, S, D] views), so K and V are never repeated.
@@ -28,17 +28,28 @@ def _grouped(t: Tensor, groups: int) -> Tensor:
 class MathKernel(Kernel):
     name = "math"
 
-    def _probs(self, spec: AttnSpec, q: Tensor, k: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _scores(self, spec: AttnSpec, q: Tensor, k: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Scaled scores [B, Hq, Sq, Sk], softcapped when asked, and the softcap's derivative
+        d(cap * tanh(s / cap))/ds = 1 - tanh(s / cap)^2 (None without softcapping)."""
         qg = _grouped(_acc(q), spec.heads_kv)
         s = torch.matmul(qg, _acc(k).unsqueeze(2).transpose(-1, -2)) * spec.scale
         s = s.flatten(1, 2)  # [B, Hq, Sq, Sk]
+        if not spec.softcap:
+            return s, None
+        t = torch.tanh(s / spec.softcap)
+        return t * spec.softcap, 1 - t * t
+
+    def _probs(self, spec: AttnSpec, q: Tensor, k: Tensor,
+               mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Probabilities, log-sum-exp and the softcap's derivative (see ``_scores``)."""
+        s, dcap = self._scores(spec, q, k)
         m = full_mask(spec, mask, q.shape[2], k.shape[2], q.device)
         if m is not None:
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + _acc(m)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse.unsqueeze(-1))
         p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)
-        return p, lse
+        return p, lse, dcap
 
     def _dropout_keep(self, spec: AttnSpec, rng_state: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
         gen = torch.Generator(device=device)
@@ -46,7 +57,7 @@ class MathKernel(Kernel):
         return torch.rand(shape, generator=gen, device=device) >= spec.dropout_p
 
     def forward(self, spec, q, k, v, mask):
-        p, lse = self._probs(spec, q, k, mask)
+        p, lse, _ = self._probs(spec, q, k, mask)
         rng = empty_rng(q.device)
         if spec.dropout_p > 0:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -57,7 +68,7 @@ class MathKernel(Kernel):
 
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
         hkv = spec.heads_kv
-        p, _ = self._probs(spec, q, k, mask)
+        p, _, dcap = self._probs(spec, q, k, mask)
         do = _acc(grad_out)
         dp = torch.matmul(_grouped(do, hkv), _acc(v).unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
         pd = p
@@ -66,7 +77,10 @@ class MathKernel(Kernel):
             pd, dp = p * keep, dp * keep
         dv = torch.matmul(_grouped(pd, hkv).transpose(-1, -2), _grouped(do, hkv)).sum(2)
         delta = (do * _acc(out)).sum(-1, keepdim=True)
-        ds = p * (dp - delta) * spec.scale
+        ds = p * (dp - delta)
+        if dcap is not None:
+            ds = ds * dcap
+        ds = ds * spec.scale
         dq = torch.matmul(_grouped(ds, hkv), _acc(k).unsqueeze(2)).flatten(1, 2)
         dk = torch.matmul(_grouped(ds, hkv).transpose(-1, -2), _grouped(_acc(q), hkv)).sum(2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
