@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -69,6 +69,15 @@ def _stamp(node: Node, site: AttentionSite, key: str) -> None:
         if k in site.node.meta:
             node.meta[k] = site.node.meta[k]
     _fake_eval(node, key, site)
+
+
+def keep_mask(gm: GraphModule, mask: Optional[Node], site: AttentionSite, key: str) -> Optional[Node]:
+    """The mask in SDPA's sense (True = attend): hand-written ``masked_fill(m, -inf)`` keeps ~m."""
+    if mask is None or not site.extra.get("mask_negated"):
+        return mask
+    node = gm.graph.call_function(aten.logical_not.default, (mask,))
+    _stamp(node, site, key)
+    return node
 
 
 def _seqused(gm: GraphModule, site: AttentionSite, key: str) -> Node:
@@ -170,9 +179,7 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
     if kernel != "auto":
         kwargs["kernel_name"] = kernel
     with gm.graph.inserting_before(site.node):
-        if mask is not None and site.extra.get("mask_negated"):  # masked_fill(m, -inf) keeps ~m
-            mask = gm.graph.call_function(aten.logical_not.default, (mask,))
-            _stamp(mask, site, key)
+        mask = keep_mask(gm, mask, site, key)
         if mask is not None:
             kwargs["attn_mask"] = mask
         if site.extra.get("key_limit"):

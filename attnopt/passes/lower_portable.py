@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 
 from ..patterns.normalize import same, shape
 from ..patterns.site import AttentionSite
-from .lower_attention import Lowered, _erase_if_dead, _in_layout, _meta_key, _stamp
+from .lower_attention import Lowered, _erase_if_dead, _in_layout, _meta_key, _stamp, keep_mask
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default}
@@ -80,9 +80,7 @@ def lower_to_sdpa(gm: GraphModule, site: AttentionSite, written_mask: Optional[N
         kwargs["scale"] = site.scale
     out_use = site.output
     with gm.graph.inserting_before(site.node):
-        if mask is not None and site.extra.get("mask_negated"):  # masked_fill(m, -inf) keeps ~m
-            mask = gm.graph.call_function(aten.logical_not.default, (mask,))
-            _stamp(mask, site, key)
+        mask = keep_mask(gm, mask, site, key)
         if mask is not None:
             kwargs["attn_mask"] = mask
         q, k, v = (_in_layout(gm, op, "bhsd", key, site) for op in (site.query, site.key, site.value))
