@@ -421,8 +421,10 @@ def analyse_mask(mask: Node, negate: bool = False) -> Union[MaskStructure, str]:
     interp = _Interpreter()
     try:
         sym = interp.value(mask)
-    except (Unproven, KeyError, IndexError, TypeError) as e:
+    except Unproven as e:
         return f"mask not recognised: {e}"
+    except Exception as e:  # noqa: BLE001 - anything the interpreter trips on is simply not a proof
+        return f"mask not recognised: {type(e).__name__} while interpreting it: {e}"
     rank = len(sym.shape)
     if rank < 2:
         return "mask has fewer than 2 dims"
@@ -441,6 +443,8 @@ def analyse_mask(mask: Node, negate: bool = False) -> Union[MaskStructure, str]:
             _classify(atom, structure, b, q, k, docs, pads, limits)
     except Unproven as e:
         return f"mask not recognised: {e}"
+    except Exception as e:  # noqa: BLE001 - a term sympy cannot take apart is not a proof either
+        return f"mask not recognised: {type(e).__name__} while classifying it: {e}"
     if structure.position_causal is not None:
         # Documents are cut where positions stop increasing by exactly 1, so inside one document
         # P[b, k] - P[b, q] == k - q and position causality is index causality.
