@@ -1,9 +1,10 @@
 """Replace an explicit attention mask by the structure it was proven to have.
 
 A mask proven to be a causal or sliding-window band (or all true) is dropped and the site gets
-``is_causal`` / ``causal_align`` / ``window_size`` instead, which the fast kernels take
-natively. Other proven structures (documents, padding, chunks) are reported and, until they
-have a lowering of their own, kept as the explicit mask: correct, slower.
+``is_causal`` / ``causal_align`` / ``window_size``, which the fast kernels take natively; chunks
+become batches of whole chunks, documents packed ``thd`` sequences, and a single query's key
+limit per-batch key lengths (``seqused_k``). Key padding is reported and kept as the explicit
+mask: correct, slower.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
         if why_not is None:
             return f"{found}: mask removed, chunks run as batches"
         return f"{found}: kept as an explicit mask ({why_not})"
-    if structure.key_limit is not None and structure.band_only is False and _only_key_limit(structure):
+    if structure.key_limit is not None and _only_key_limit(structure):
         why_not = _key_lengths(site, structure, sq)
         if why_not is None:
             return f"{found}: mask removed, keys limited per batch (seqused_k)"
@@ -54,12 +55,16 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
         band = None
     if band is None:
         return f"{found}: band not expressible as a causal/window diagonal, kept as an explicit mask"
+    _apply_band(site, band)
+    return f"{found}: mask removed"
+
+
+def _apply_band(site: AttentionSite, band: tuple[bool, str, tuple[int, int]]) -> None:
+    """Drop the site's mask for the (is_causal, causal_align, window) it was proven to be."""
     site.attn_mask = None
     site.is_causal, site.causal_align, site.window = band
     if site.is_causal and site.window == (-1, 0):
         site.window = (-1, -1)  # is_causal already says "nothing right of the diagonal"
-    site.extra["mask_structure"] = structure
-    return f"{found}: mask removed"
 
 
 def _chunks_as_batches(site: AttentionSite, structure: MaskStructure, sq: int, sk: int) -> Optional[str]:
@@ -88,10 +93,7 @@ def _documents_as_sequences(site: AttentionSite, structure: MaskStructure, sq: i
     band = MaskStructure(upper=structure.upper, lower=structure.lower).band(sq, sk)
     if band is None:
         return "band not expressible as a causal/window diagonal"
-    site.attn_mask = None
-    site.is_causal, site.causal_align, site.window = band
-    if site.is_causal and site.window == (-1, 0):
-        site.window = (-1, -1)
+    _apply_band(site, band)
     site.extra["documents"] = structure.document
     return None
 
