@@ -32,6 +32,8 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
     q, k = site.query, site.key
     sq, sk = meta(q.source).shape[q.dims.index("s")], meta(k.source).shape[k.dims.index("s")]
     found = structure.describe()
+    if meta(mask).dtype != torch.bool and not _rows_keep_a_key(structure):
+        return f"{found}: kept as an explicit mask (an additive mask may leave a row without keys)"
     if structure.document is not None and structure.chunk is None and structure.padding is None \
             and structure.key_limit is None and not structure.never:
         why_not = _documents_as_sequences(site, structure, sq, sk)
@@ -51,8 +53,6 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
     if not structure.band_only:
         return f"{found}: kept as an explicit mask"
     band = structure.band(sq, sk)
-    if band is not None and meta(mask).dtype != torch.bool and not _keeps_diagonal(structure):
-        band = None
     if band is None:
         return f"{found}: band not expressible as a causal/window diagonal, kept as an explicit mask"
     _apply_band(site, band)
@@ -114,9 +114,12 @@ def _key_lengths(site: AttentionSite, structure: MaskStructure, sq: int) -> Opti
     return None
 
 
-def _keeps_diagonal(structure: MaskStructure) -> bool:
-    """Every query keeps key k == q (so no row is fully masked, where -inf and finfo.min differ)."""
-    return (structure.upper is None or structure.upper >= 0) and (structure.lower is None or structure.lower <= 0)
+def _rows_keep_a_key(structure: MaskStructure) -> bool:
+    """Every query provably keeps at least one key (k == q). A row with none is where an additive
+    finfo.min differs from -inf (it averages every key), and where kernels disagree anyway."""
+    keeps_diagonal = (structure.upper is None or structure.upper >= 0) and (
+        structure.lower is None or structure.lower <= 0)
+    return keeps_diagonal and structure.key_limit is None and structure.padding is None and not structure.never
 
 
 def _is_zero(x: object) -> bool:
@@ -130,8 +133,8 @@ def _keep_mask(site: AttentionSite) -> tuple[Optional[Node], Optional[str]]:
     """The boolean keep-mask behind the site's mask, when there is one to analyse.
 
     Hand-written ``masked_fill(mask, -inf)`` masks are negated keep-masks; additive masks built as
-    ``where(keep, 0, -inf or finfo.min)`` are keep-masks too (a finite minimum only differs from
-    -inf on rows with no key left, which a recovered band never has: it always keeps k == q).
+    ``where(keep, 0, -inf or finfo.min)`` are keep-masks too; they are rewritten only when every row
+    keeps a key (``_rows_keep_a_key``), where a finite minimum and -inf agree.
     """
     mask = site.attn_mask
     value = meta(mask)

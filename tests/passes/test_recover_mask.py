@@ -304,3 +304,22 @@ def test_transformers_model_masks(name):
                                rtol=1e-4, atol=1e-4)
     assert [s.status for s in capture.result.sites] == ["lowered", "lowered"]
     assert all(expected in s.mask for s in capture.result.sites), [s.mask for s in capture.result.sites]
+
+
+def test_additive_key_limit_mask_is_kept():
+    # k <= cache_position[q] as where(keep, 0, finfo.min): a position below 0 would leave the row
+    # without keys, where finfo.min averages every key and -inf does not: not provably equal.
+    def f(q, k, v, pos):
+        i = torch.arange(k.shape[2])
+        keep = (i[None, :] <= pos[:, None])[None, None]
+        mask = torch.where(keep, torch.zeros(()), torch.finfo(q.dtype).min)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8)
+    capture = Capture()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, backend=capture.backend)(q, k, v, torch.tensor([5])),
+                                   f(q, k, v, torch.tensor([5])))
+    (site,) = capture.result.sites
+    assert site.has_mask and "may leave a row without keys" in site.mask
