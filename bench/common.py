@@ -79,10 +79,12 @@ def projections(args, split_heads: bool = False):
 
 
 def measure_fwd_bwd(variants: dict, q, k, v, grad, ref, iters: int) -> list[dict]:
-    """Per variant: median/min/max ms of forward+backward, peak MiB, error against ``ref`` (CPU,
-    float32) and the attnopt kernels that ran."""
+    """Per variant: median/min/max ms of forward+backward, peak MiB (everything alive, and the
+    step's own: the peak less q, k, v and the output gradient it was given), error against
+    ``ref`` (CPU, float32) and the attnopt kernels that ran."""
     import attnopt
 
+    given = sum(t.numel() * t.element_size() for t in (q, k, v, grad)) / 2**20
     rows = []
     for name, fn in variants.items():
         def step(fn=fn):
@@ -94,6 +96,8 @@ def measure_fwd_bwd(variants: dict, q, k, v, grad, ref, iters: int) -> list[dict
             out = fn(q, k, v).float().cpu()
         err = float((out - ref).norm() / ref.norm())
         del out
-        rows.append({"variant": name, **time_ms(step, iters=iters), "peak_mib": peak_mib(step), "rel_err": err,
+        times = time_ms(step, iters=iters)
+        peak = peak_mib(step)
+        rows.append({"variant": name, **times, "peak_mib": peak, "step_mib": peak - given, "rel_err": err,
                      "kernel": ",".join(sorted({c.kernel for c in calls})) or "(torch SDPA)"})
     return rows

@@ -5,7 +5,11 @@ from position ids) and hands SDPA ``attn_mask`` with ``is_causal=False``; K/V go
 repeat_kv. This times that core, the mask built by transformers' own ``create_causal_mask``,
 against the same attention written with ``is_causal=True, enable_gqa=True``.
 
-    python bench/masked_attention.py       # B=2 S=4096 Hq=32 Hkv=8 D=128 bf16
+    python bench/masked_attention.py                 # B=2 S=4096 Hq=32 Hkv=8 D=128 bf16
+    python bench/masked_attention.py --documents 4   # each row packs 4 documents (position ids restart)
+
+With ``--documents N`` the mask is causal AND same document; the reference runs the documents as
+batches of their own with ``is_causal`` (the best form when all documents have one length).
 """
 from __future__ import annotations
 
@@ -24,12 +28,12 @@ from attnopt.demo_model import repeat_kv  # noqa: E402
 from common import add_shape_args, environment, measure_fwd_bwd, projections, write_json  # noqa: E402
 
 
-def transformers_core(q, k, v, config):
+def transformers_core(q, k, v, config, position_ids=None):
     b, s, _ = q.shape
     h, hkv = config.num_attention_heads, config.num_key_value_heads
     d = q.shape[-1] // h
-    # as LlamaModel does: position ids from the cache positions (an arange in the graph)
-    position_ids = torch.arange(s, device=q.device).unsqueeze(0)
+    if position_ids is None:  # as LlamaModel does: from the cache positions (an arange in the graph)
+        position_ids = torch.arange(s, device=q.device).unsqueeze(0)
     mask = create_causal_mask(config=config, inputs_embeds=q, attention_mask=None, past_key_values=None,
                               position_ids=position_ids)
     q = q.view(b, s, h, d).transpose(1, 2)
@@ -40,9 +44,17 @@ def transformers_core(q, k, v, config):
     return o.transpose(1, 2).contiguous().reshape(b, s, -1)
 
 
+def documents_as_batches(q, k, v, heads, kv_heads, documents):
+    """Equal-length documents as batches of their own: the best form of the packed mask."""
+    b, s, _ = q.shape
+    q, k, v = (t.reshape(b * documents, s // documents, -1) for t in (q, k, v))
+    return best_form(q, k, v, heads, kv_heads).reshape(b, s, -1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(p)
+    p.add_argument("--documents", type=int, default=1, help="documents packed in each row")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("masked_attention.py times CUDA kernels; no CUDA device is visible")
@@ -50,24 +62,29 @@ def main() -> None:
     config = LlamaConfig(hidden_size=h * d, num_attention_heads=h, num_key_value_heads=hkv)
     config._attn_implementation = "sdpa"
     q, k, v, grad = projections(args)
-    core = lambda *t: transformers_core(*t, config)
+    n = args.documents
+    # a packed batch comes with its position ids, restarting at every document
+    positions = None if n == 1 else (torch.arange(s, device="cuda") % (s // n)).expand(b, -1)
+    core = lambda *t: transformers_core(*t, config, positions)
+    best = (lambda *t: best_form(*t, h, hkv)) if n == 1 else (lambda *t: documents_as_batches(*t, h, hkv, n))
     variants = {
         "inductor": torch.compile(core),
         "attnopt": torch.compile(core, backend="attnopt"),
-        "is_causal + enable_gqa (inductor)": torch.compile(lambda *t: best_form(*t, h, hkv)),
+        "is_causal + enable_gqa (inductor)" if n == 1 else "documents as batches (inductor)": torch.compile(best),
     }
     with torch.no_grad():
-        ref = best_form(q.float(), k.float(), v.float(), h, hkv).cpu()
+        ref = best(q.float(), k.float(), v.float()).cpu()
     rows = measure_fwd_bwd(variants, q, k, v, grad, ref, args.iters)
     env = environment()
-    print(f"\ntransformers attention with in-graph mask, fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16")
+    print(f"\ntransformers attention with in-graph mask, fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16, "
+          f"{n} document(s) per row")
     print(f"{env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} flash-attn-4 {env['flash_attn_4']}")
     ref_ms = rows[-1]["median_ms"]
-    print(f"{'variant':36} {'median ms':>9} {'min':>7} {'peak MiB':>9} {'vs is_causal':>12} {'rel err':>8} kernel")
+    print(f"{'variant':36} {'median ms':>9} {'min':>7} {'peak MiB':>9} {'step MiB':>9} {'vs reference':>12} {'rel err':>8} kernel")
     for r in rows:
-        print(f"{r['variant']:36} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['peak_mib']:9.0f} "
+        print(f"{r['variant']:36} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['peak_mib']:9.0f} {r['step_mib']:9.0f} "
               f"{r['median_ms'] / ref_ms:11.3f}x {r['rel_err']:8.1e} {r['kernel']}")
-    write_json("masked_attention", {"env": env, "shape": vars(args), "rows": rows})
+    write_json("masked_attention" if n == 1 else f"masked_attention_{n}docs", {"env": env, "shape": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

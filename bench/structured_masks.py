@@ -3,6 +3,9 @@ over a static KV cache. Each row: Inductor compiling the code as written vs attn
 
     python bench/structured_masks.py chunked   # B=1 S=16384 Hq=32 Hkv=8 D=128, chunk 4096, fwd+bwd
     python bench/structured_masks.py decode    # batch 8, cache 8192 (4096 filled), 32/8 heads, forward
+
+Decode runs with and without CUDA graphs (``mode="reduce-overhead"``; for attnopt the same
+Inductor option, ``triton.cudagraphs``), the cache marked static as transformers' StaticCache does.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ def chunked_core(q, k, v, heads, kv_heads, chunk):
 
 
 def decode_core(q, k_cache, v_cache, cache_position, heads, kv_heads):
-    """One decode step over a transformers-style static cache [B, Hkv, max_len, D]."""
+    """One decode step over a static cache [B, Hkv, max_len, D], the mask over cache positions
+    (transformers 4.x)."""
     b = q.shape[0]
     d = q.shape[-1] // heads
     q = q.view(b, 1, heads, d).transpose(1, 2)
@@ -44,6 +48,21 @@ def decode_core(q, k_cache, v_cache, cache_position, heads, kv_heads):
     mask = (kv_idx[None, :] <= cache_position[:, None])[None, None].expand(b, 1, 1, -1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return o.transpose(1, 2).reshape(b, 1, -1)
+
+
+def static_cache_core(q, k_cache, v_cache, cached, heads, kv_heads):
+    """Sq new tokens after ``cached`` (a one-element tensor) cached ones, as transformers 5.x
+    masks a StaticCache: key k is seen by query q when k <= q + cached."""
+    b, sq, _ = q.shape
+    d = q.shape[-1] // heads
+    q = q.view(b, sq, heads, d).transpose(1, 2)
+    k = repeat_kv(k_cache, heads // kv_heads)
+    v = repeat_kv(v_cache, heads // kv_heads)
+    q_idx = torch.arange(sq, device=q.device)[:, None]
+    kv_idx = torch.arange(k_cache.shape[2], device=q.device)[None, :]
+    mask = (kv_idx <= q_idx + cached)[None, None].expand(b, 1, sq, -1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return o.transpose(1, 2).reshape(b, sq, -1)
 
 
 def run_chunked(args) -> list[dict]:
@@ -67,20 +86,34 @@ def run_chunked(args) -> list[dict]:
 
 
 def run_decode(args) -> list[dict]:
-    b, h, hkv, d, max_len, filled = 8, 32, 8, 128, 8192, 4096
+    b, h, hkv, d, max_len, filled = args.batch or 8, 32, 8, 128, 8192, 4096
     q = torch.randn(b, 1, h * d, device="cuda", dtype=torch.bfloat16)
     k_cache = torch.randn(b, hkv, max_len, d, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn(b, hkv, max_len, d, device="cuda", dtype=torch.bfloat16)
-    pos = torch.tensor([filled - 1], device="cuda")
-    fn = lambda *t: decode_core(*t, h, hkv)
+    for t in (k_cache, v_cache):
+        torch._dynamo.mark_static_address(t)
+    cached = torch.tensor([filled - 1], device="cuda")
+    fn = lambda *t: static_cache_core(*t, h, hkv)
+    with torch.no_grad():
+        ref = fn(q.float(), k_cache[:, :, :filled].float(), v_cache[:, :, :filled].float(), cached)
+    graphs = {"triton.cudagraphs": True}
+    variants = {
+        "inductor": torch.compile(fn),
+        "attnopt": torch.compile(fn, backend="attnopt"),
+        "inductor, CUDA graphs": torch.compile(fn, mode="reduce-overhead"),
+        "attnopt, CUDA graphs": torch.compile(fn, backend=attnopt.backend(**graphs)),
+    }
     rows = []
     with torch.no_grad():
-        for name, compiled in (("inductor", torch.compile(fn)), ("attnopt", torch.compile(fn, backend="attnopt"))):
-            step = lambda compiled=compiled: compiled(q, k_cache, v_cache, pos)
+        for name, compiled in variants.items():
+            torch._dynamo.reset()
+            step = lambda compiled=compiled: compiled(q, k_cache, v_cache, cached)
             with attnopt.runtime_ops.trace_kernels() as calls:
-                step()
+                for _ in range(3):  # CUDA graphs record on a later call
+                    out = step()
+            err = float((out.float() - ref).norm() / ref.norm())
             t = time_ms(step, iters=100)
-            rows.append({"variant": name, **{k: v * 1000 for k, v in t.items()}, "unit": "us",
+            rows.append({"variant": name, **{k: v * 1000 for k, v in t.items()}, "unit": "us", "rel_err": err,
                          "peak_mib": peak_mib(step), "kernel": ",".join(sorted({x.kernel for x in calls})) or "(torch SDPA)"})
     return rows
 
@@ -90,6 +123,7 @@ def main() -> None:
     p.add_argument("case", choices=["chunked", "decode"])
     p.add_argument("--seq", type=int, default=0)
     p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=0, help="decode batch (default 8)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("structured_masks.py times CUDA kernels; no CUDA device is visible")
@@ -98,9 +132,10 @@ def main() -> None:
     unit = "us" if args.case == "decode" else "ms"
     print(f"\n{args.case}: {env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} "
           f"flash-attn-4 {env['flash_attn_4']}")
-    print(f"{'variant':12} {'median ' + unit:>10} {'min':>9} {'peak MiB':>9} kernel")
+    print(f"{'variant':24} {'median ' + unit:>10} {'min':>9} {'peak MiB':>9} {'rel err':>8} kernel")
     for r in rows:
-        print(f"{r['variant']:12} {r['median_ms']:10.3f} {r['min_ms']:9.3f} {r['peak_mib']:9.0f} {r['kernel']}")
+        print(f"{r['variant']:24} {r['median_ms']:10.3f} {r['min_ms']:9.3f} {r['peak_mib']:9.0f} "
+              f"{r.get('rel_err', float('nan')):8.1e} {r['kernel']}")
     write_json(f"structured_{args.case}", {"env": env, "rows": rows})
 
 

@@ -3,6 +3,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from structured_masks import chunked_core, decode_core  # noqa: E402
+from structured_masks import chunked_core, decode_core, static_cache_core  # noqa: E402
 
-__all__ = ["chunked_core", "decode_core"]
+__all__ = ["chunked_core", "decode_core", "static_cache_core"]

@@ -80,20 +80,63 @@ def keep_mask(gm: GraphModule, mask: Optional[Node], site: AttentionSite, key: s
     return node
 
 
+def _per_batch(gm: GraphModule, length: Node, site: AttentionSite, key: str) -> Node:
+    """A one-element key length as int32 [B], B read from the query (symbolic batches stay so)."""
+    g = gm.graph
+    q, dims = site.query.source, site.query.dims
+    steps = [q]
+    for axis in reversed(range(len(dims))):  # q[:, 0, 0, 0]-like: one element per batch
+        if dims[axis] != "b":
+            steps.append(g.call_function(aten.select.int, (steps[-1], axis, 0)))
+    steps.append(g.call_function(aten.zeros_like.default, (steps[-1],), {"dtype": torch.int32}))
+    steps.append(g.call_function(aten.add.Tensor, (steps[-1], length)))
+    for node in steps[1:]:
+        _stamp(node, site, key)
+    return steps[-1]
+
+
 def _seqused(gm: GraphModule, site: AttentionSite, key: str) -> Node:
     """int32 [B] key lengths P[0] + e from the key limit k < P[q] + e of a single-query site."""
     positions, extra = site.extra["key_limit"]
-    batch = meta(site.query.source).shape[site.query.dims.index("b")]
     first = gm.graph.call_function(aten.slice.Tensor, (positions, 0, 0, 1))
     steps = [first]
     if extra:
         steps.append(gm.graph.call_function(aten.add.Tensor, (steps[-1], extra)))
     steps.append(gm.graph.call_function(aten._to_copy.default, (steps[-1],), {"dtype": torch.int32}))
-    steps.append(gm.graph.call_function(aten.expand.default, (steps[-1], [batch])))
-    steps.append(gm.graph.call_function(aten.clone.default, (steps[-1],), {"memory_format": torch.contiguous_format}))
     for node in steps:
         _stamp(node, site, key)
-    return steps[-1]
+    return _per_batch(gm, steps[-1], site, key)
+
+
+def _cache_seqused(gm: GraphModule, mask: Node, site: AttentionSite, key: str) -> Node:
+    """int32 [B] key lengths for queries after L cached tokens (mask proven ``k - q <= L + c``).
+
+    Counted from the mask itself: it is computed where the model computed it, so the count reads
+    the cache length the mask saw even when the graph bumps that length in place before
+    attention. Query row i keeps L + c + 1 + i keys; a device-side assert checks that the rows
+    do (none empty, none cut short by the cache's end), so the inputs where the lowering and the
+    mask would differ fail loudly instead.
+    """
+    g = gm.graph
+    steps: list[Node] = []
+
+    def add(target, *args, **kwargs) -> Node:
+        steps.append(g.call_function(target, args, kwargs))
+        return steps[-1]
+
+    counts = add(aten.sum.dim_IntList, mask, [-1])  # [..., Sq] keys kept per query row
+    grows = add(aten.eq.Scalar, add(aten.sub.Tensor, add(aten.slice.Tensor, counts, -1, 1),
+                                    add(aten.slice.Tensor, counts, -1, 0, -1)), 1)
+    first = add(aten.select.int, counts, -1, 0)
+    fits = add(aten.logical_and.default, add(aten.all.default, grows),
+               add(aten.all.default, add(aten.ge.Scalar, first, 1)))
+    add(aten._assert_async.msg, fits, "attnopt: the KV-cache mask left a query without keys or ran past the "
+        "cache; its lowering to key lengths does not hold for these inputs")
+    last = add(aten.slice.Tensor, add(aten.reshape.default, add(aten.select.int, counts, -1, -1), [-1]), 0, 0, 1)
+    length = add(aten._to_copy.default, last, dtype=torch.int32)
+    for node in steps:
+        _stamp(node, site, key)
+    return _per_batch(gm, length, site, key)
 
 
 def _document_offsets(gm: GraphModule, positions: Node, site: AttentionSite, key: str) -> Node:
@@ -184,6 +227,8 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
             kwargs["attn_mask"] = mask
         if site.extra.get("key_limit"):
             kwargs["seqused_k"] = _seqused(gm, site, key)
+        if site.extra.get("cache_offset"):
+            kwargs["seqused_k"] = _cache_seqused(gm, keep_mask(gm, site.extra["cache_mask"], site, key), site, key)
         q, k, v = (_in_layout(gm, op, layout, key, site) for op in (site.query, site.key, site.value))
         if chunk:  # [B, S, H, D] -> [B * S/C, C, H, D]: a view for projections, else one copy
             q, k, v = (_reshape(gm, t, _chunk_shape(t, chunk), key, site) for t in (q, k, v))

@@ -2,9 +2,9 @@
 
 A mask proven to be a causal or sliding-window band (or all true) is dropped and the site gets
 ``is_causal`` / ``causal_align`` / ``window_size``, which the fast kernels take natively; chunks
-become batches of whole chunks, documents packed ``thd`` sequences, and a single query's key
-limit per-batch key lengths (``seqused_k``). Key padding is reported and kept as the explicit
-mask: correct, slower.
+become batches of whole chunks, documents packed ``thd`` sequences, and the key limits of a KV
+cache (a single query's position, or the number of cached tokens) per-batch key lengths
+(``seqused_k``). Key padding is reported and kept as the explicit mask: correct, slower.
 """
 from __future__ import annotations
 
@@ -45,7 +45,12 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
         if why_not is None:
             return f"{found}: mask removed, chunks run as batches"
         return f"{found}: kept as an explicit mask ({why_not})"
-    if structure.key_limit is not None and _only_key_limit(structure):
+    if structure.cache_offset is not None and _only(structure, "cache_offset"):
+        why_not = _cache_lengths(site, structure)
+        if why_not is None:
+            return f"{found}: mask removed, keys limited per batch (seqused_k), bottom-right causal"
+        return f"{found}: kept as an explicit mask ({why_not})"
+    if structure.key_limit is not None and _only(structure, "key_limit"):
         why_not = _key_lengths(site, structure, sq)
         if why_not is None:
             return f"{found}: mask removed, keys limited per batch (seqused_k)"
@@ -98,20 +103,41 @@ def _documents_as_sequences(site: AttentionSite, structure: MaskStructure, sq: i
     return None
 
 
-def _only_key_limit(structure: MaskStructure) -> bool:
-    return (structure.chunk is None and structure.document is None and structure.padding is None
-            and not structure.never and structure.upper is None and structure.lower is None)
+def _only(structure: MaskStructure, limit: str) -> bool:
+    """True when ``limit`` is the mask's only term."""
+    others = ("chunk", "document", "padding", "upper", "lower", "key_limit", "cache_offset")
+    return not structure.never and all(getattr(structure, f) is None for f in others if f != limit)
+
+
+def _inference_only(site: AttentionSite) -> Optional[str]:
+    if any(meta(op.source).requires_grad for op in (site.query, site.key, site.value)):
+        return "key lengths are lowered for inference only"
+    return None
 
 
 def _key_lengths(site: AttentionSite, structure: MaskStructure, sq: int) -> Optional[str]:
     """Decode over a cache: one query that sees keys k < P[0] + e is a per-batch key length."""
     if sq != 1:
         return "a key limit per query needs a single query position"
-    if any(meta(op.source).requires_grad for op in (site.query, site.key, site.value)):
-        return "key lengths are lowered for inference only"
-    site.attn_mask = None
-    site.extra["key_limit"] = structure.key_limit
-    return None
+    why_not = _inference_only(site)
+    if why_not is None:
+        site.attn_mask = None
+        site.extra["key_limit"] = structure.key_limit
+    return why_not
+
+
+def _cache_lengths(site: AttentionSite, structure: MaskStructure) -> Optional[str]:
+    """Queries after L cached tokens that see keys k - q <= L + c: the cache's first L + c + Sq
+    keys, bottom-right causal. Exact while 0 <= L + c and L + c + Sq <= Sk, which the lowering
+    asserts on the device (a cache that overflowed would otherwise be read differently)."""
+    if any(op.dims.count("b") != 1 for op in (site.query, site.key, site.value)):
+        return "key lengths need a batch axis"
+    why_not = _inference_only(site)
+    if why_not is None:
+        site.extra["cache_offset"], site.extra["cache_mask"] = structure.cache_offset, site.attn_mask
+        site.attn_mask = None
+        site.is_causal, site.causal_align, site.window = True, "bottom_right", (-1, -1)
+    return why_not
 
 
 def _rows_keep_a_key(structure: MaskStructure) -> bool:
@@ -119,7 +145,8 @@ def _rows_keep_a_key(structure: MaskStructure) -> bool:
     finfo.min differs from -inf (it averages every key), and where kernels disagree anyway."""
     keeps_diagonal = (structure.upper is None or structure.upper >= 0) and (
         structure.lower is None or structure.lower <= 0)
-    return keeps_diagonal and structure.key_limit is None and structure.padding is None and not structure.never
+    return (keeps_diagonal and structure.key_limit is None and structure.cache_offset is None
+            and structure.padding is None and not structure.never)
 
 
 def _is_zero(x: object) -> bool:

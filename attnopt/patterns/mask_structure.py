@@ -51,6 +51,7 @@ class MaskStructure:
     document_positions: Any = None  # the positions function the document ids were cut from
     padding: Optional[Node] = None  # [B, Sk] keep-mask over keys
     key_limit: Optional[tuple[Node, int]] = None  # (P, e): keys k < P[q] + e, P a 1-D graph input
+    cache_offset: Optional[tuple[Node, int]] = None  # (L, c): k - q <= L + c, L a one-element graph input
     never: bool = False  # the mask is all false
     atoms: list[str] = field(default_factory=list)
 
@@ -58,7 +59,7 @@ class MaskStructure:
     def band_only(self) -> bool:
         """True when the whole mask is a causal/window band (or all true): no tensor needed."""
         return (self.chunk is None and self.document is None and self.padding is None and self.key_limit is None
-                and not self.never)
+                and self.cache_offset is None and not self.never)
 
     def describe(self) -> str:
         return " & ".join(self.atoms) if self.atoms else "all true"
@@ -348,8 +349,32 @@ def _linear_qk(expr: Any, q: sympy.Symbol, k: sympy.Symbol) -> Optional[tuple[in
     return int(a), int(b), int(c)
 
 
+def _as_nonpositive(atom: Any) -> Any:
+    """An integer inequality as ``x`` with the atom equivalent to ``x <= 0``."""
+    if isinstance(atom, sympy.Le):
+        return atom.lhs - atom.rhs
+    if isinstance(atom, sympy.Lt):
+        return atom.lhs - atom.rhs + 1
+    if isinstance(atom, sympy.Ge):
+        return atom.rhs - atom.lhs
+    return atom.rhs - atom.lhs + 1
+
+
+def _cache_offset(atom: Any, q: sympy.Symbol, k: sympy.Symbol, scalars: dict) -> Optional[tuple[Node, int]]:
+    """(L, c) when the atom says ``k - q <= L + c`` for a one-element graph input L (the number of
+    tokens already in a KV cache: transformers' static-cache masks), else None."""
+    x = sympy.expand(_as_nonpositive(atom))
+    found = [a for a in x.atoms(sympy.core.function.AppliedUndef) if a.func in scalars]
+    if len(found) != 1 or x.coeff(found[0]) != -1:
+        return None
+    lin = _linear_qk(x + found[0], q, k)
+    if lin is None or lin[:2] != (-1, 1):
+        return None
+    return scalars[found[0].func], -lin[2]
+
+
 def _classify(atom: Any, s: MaskStructure, b: sympy.Symbol, q: sympy.Symbol, k: sympy.Symbol,
-              docs: dict, pads: dict, limits: dict) -> None:
+              docs: dict, pads: dict, limits: dict, scalars: dict) -> None:
     if atom == sympy.true:
         return
     if atom == sympy.false:
@@ -383,6 +408,12 @@ def _classify(atom: Any, s: MaskStructure, b: sympy.Symbol, q: sympy.Symbol, k: 
                 and {lhs.args, rhs.args} == {(b, q), (b, k)}):
             s.document, s.document_positions = docs[lhs.func][1], docs[lhs.func][2]
             s.atoms.append(f"same document ({s.document.name})")
+            return
+    if isinstance(atom, (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt)) and s.cache_offset is None:
+        offset = _cache_offset(atom, q, k, scalars)
+        if offset is not None:
+            s.cache_offset = offset
+            s.atoms.append(f"k - q <= {offset[0].name} + {offset[1]}")
             return
     if isinstance(atom, (sympy.Le, sympy.Lt)) and atom.lhs == k and isinstance(atom.rhs, sympy.core.function.AppliedUndef):
         if atom.rhs.func in limits and atom.rhs.args == (q,):
@@ -435,12 +466,14 @@ def analyse_mask(mask: Node, negate: bool = False) -> Union[MaskStructure, str]:
     inputs = [n for n in interp.env if n.op == "placeholder" and isinstance(meta(n), torch.Tensor)]
     pads = {sympy.Function(f"in_{n.name}"): n for n in inputs if meta(n).dim() == 2}
     limits = {sympy.Function(f"in_{n.name}"): n for n in inputs if meta(n).dim() == 1}
+    scalars = {sympy.Function(f"in_{n.name}"): n for n in inputs if meta(n).numel() == 1 and meta(n).dim() <= 1
+               and not meta(n).dtype.is_floating_point and meta(n).dtype != torch.bool}
     expr = sympy.Not(sym.expr) if negate else sym.expr
     atoms = expr.args if isinstance(expr, sympy.And) else (expr,)
     structure = MaskStructure()
     try:
         for atom in atoms:
-            _classify(atom, structure, b, q, k, docs, pads, limits)
+            _classify(atom, structure, b, q, k, docs, pads, limits, scalars)
     except Unproven as e:
         return f"mask not recognised: {e}"
     except Exception as e:  # noqa: BLE001 - a term sympy cannot take apart is not a proof either

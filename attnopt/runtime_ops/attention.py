@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .spec import FROM_BHSD, TO_BHSD, AttnSpec, build_spec, check_cu_seqlens, lse_shape, out_shape
+from .spec import (FROM_BHSD, TO_BHSD, AttnSpec, build_spec, check_cu_seqlens, key_lengths_as_mask, lse_shape,
+                   out_shape)
 
 log = logging.getLogger("attnopt")
 
@@ -74,10 +75,33 @@ def _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out
                       softcap)
 
 
-def _varlen_spec(spec: AttnSpec, q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor) -> tuple[AttnSpec, list[int], list[int]]:
+@dataclasses.dataclass(frozen=True)
+class _Packed:
+    """Packed-sequence offsets as read from the host, trimmed to the sequences that hold tokens."""
+
+    offs_q: list[int]
+    offs_k: list[int]
+    cu_q: Tensor
+    cu_k: Tensor
+
+
+def _varlen_spec(spec: AttnSpec, q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor) -> tuple[AttnSpec, _Packed]:
+    """Check the offsets; drop the empty sequences at their end and tighten the maxima.
+
+    Offsets computed in a graph have a fixed size, the worst case (one sequence per token), so
+    they end in a long run of empty sequences; kernels size their scratch memory and grid by the
+    number of sequences times the longest one, so both are cut to what the offsets hold.
+    """
     offs_q = check_cu_seqlens(cu_q, q.shape[0], spec.seqlen_q, "cu_seqlens_q")
     offs_k = check_cu_seqlens(cu_k, k.shape[0], spec.seqlen_k, "cu_seqlens_k")
-    return dataclasses.replace(spec, equal_seqlens=offs_q == offs_k), offs_q, offs_k
+    n = len(offs_q) - 1
+    while n > 1 and offs_q[n - 1] == offs_q[n] and offs_k[n - 1] == offs_k[n]:
+        n -= 1
+    offs_q, offs_k = offs_q[: n + 1], offs_k[: n + 1]
+    longest = lambda offs: max(1, max(b - a for a, b in zip(offs, offs[1:])))
+    spec = dataclasses.replace(spec, batch=n, seqlen_q=longest(offs_q), seqlen_k=longest(offs_k),
+                               equal_seqlens=offs_q == offs_k)
+    return spec, _Packed(offs_q, offs_k, cu_q[: n + 1], cu_k[: n + 1])
 
 
 def _sequences(spec: AttnSpec, offs_q: list[int], offs_k: list[int]) -> Iterator[tuple[int, slice, slice, AttnSpec]]:
@@ -94,12 +118,12 @@ def _dense(t: Tensor) -> Tensor:
     return t.transpose(0, 1).unsqueeze(0)
 
 
-def _forward_varlen(kern, spec, offs_q, offs_k, q, k, v, cu_q, cu_k):
+def _forward_varlen(kern, spec, packed: _Packed, q, k, v):
     if kern.varlen_native:
-        return kern.forward_varlen(spec, q, k, v, cu_q, cu_k)
+        return kern.forward_varlen(spec, q, k, v, packed.cu_q, packed.cu_k)
     out = q.new_zeros(q.shape[0], spec.heads_q, spec.dim_v)
     lse = q.new_full((spec.heads_q, q.shape[0]), float("-inf"), dtype=torch.float32)
-    for _, sq, sk, sub in _sequences(spec, offs_q, offs_k):
+    for _, sq, sk, sub in _sequences(spec, packed.offs_q, packed.offs_k):
         if sub.seqlen_q == 0 or sub.seqlen_k == 0:
             continue
         o, l, _ = kern.forward(sub, _dense(q[sq]), _dense(k[sk]), _dense(v[sk]), None)
@@ -108,11 +132,11 @@ def _forward_varlen(kern, spec, offs_q, offs_k, q, k, v, cu_q, cu_k):
     return out, lse, kernels.base.empty_rng(q.device)
 
 
-def _backward_varlen(kern, spec, offs_q, offs_k, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k):
+def _backward_varlen(kern, spec, packed: _Packed, grad_out, q, k, v, out, lse, rng_state):
     if kern.varlen_native:
-        return kern.backward_varlen(spec, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k)
+        return kern.backward_varlen(spec, grad_out, q, k, v, out, lse, rng_state, packed.cu_q, packed.cu_k)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for _, sq, sk, sub in _sequences(spec, offs_q, offs_k):
+    for _, sq, sk, sub in _sequences(spec, packed.offs_q, packed.offs_k):
         if sub.seqlen_q == 0 or sub.seqlen_k == 0:
             continue
         g = kern.backward(sub, _dense(grad_out[sq]), _dense(q[sq]), _dense(k[sk]), _dense(v[sk]),
@@ -122,20 +146,32 @@ def _backward_varlen(kern, spec, offs_q, offs_k, grad_out, q, k, v, out, lse, rn
 
 
 def _key_lengths(kern: kernels.Kernel, spec: AttnSpec, attn_mask, seqused_k) -> tuple[AttnSpec, dict]:
-    """Kernel arguments for per-batch key lengths: native ``seqused_k``, or folded into the mask."""
+    """Kernel arguments for per-batch key lengths: native ``seqused_k``, or folded into the mask
+    together with the band, which aligns to each batch's length as if its keys were sliced."""
     if seqused_k is None:
         return spec, {"mask": attn_mask}
     if kern.seqused_native:
         return spec, {"mask": attn_mask, "seqused_k": seqused_k}
-    keep = torch.arange(spec.seqlen_k, device=seqused_k.device) < seqused_k[:, None]
-    keep = keep[:, None, None, :]
+    device = seqused_k.device
+    lengths = seqused_k.long()[:, None, None, None]  # [B, 1, 1, 1]
+    i = torch.arange(spec.seqlen_q, device=device)[:, None]
+    j = torch.arange(spec.seqlen_k, device=device)
+    keep = j < lengths  # [B, 1, 1, Sk]
+    if spec.has_band:
+        if spec.causal_align == "bottom_right":
+            i = i + lengths - spec.seqlen_q  # [B, 1, Sq, 1]
+        left, right = spec.window
+        if left >= 0:
+            keep = keep & (j >= i - left)
+        if right >= 0:
+            keep = keep & (j <= i + right)
     if attn_mask is None:
         mask = keep
     elif attn_mask.dtype == torch.bool:
         mask = attn_mask & keep
     else:
         mask = attn_mask.masked_fill(~keep, float("-inf"))
-    return dataclasses.replace(spec, seqused=False, mask_dtype=mask.dtype), {"mask": mask}
+    return dataclasses.replace(key_lengths_as_mask(spec), mask_dtype=mask.dtype), {"mask": mask}
 
 
 def _select(spec: AttnSpec, kernel: str) -> kernels.Kernel:
@@ -160,11 +196,11 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
                  window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
     if spec.varlen:
-        spec, offs_q, offs_k = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
+        spec, packed = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     kern = _select(spec, kernel_name)
     _record("forward", kern.name, spec)
     if spec.varlen:
-        out, lse, rng = _forward_varlen(kern, spec, offs_q, offs_k, query, key, value, cu_seqlens_q, cu_seqlens_k)
+        out, lse, rng = _forward_varlen(kern, spec, packed, query, key, value)
     else:
         q, k, v = (t.permute(TO_BHSD[layout]) for t in (query, key, value))
         spec, extra = _key_lengths(kern, spec, attn_mask, seqused_k)
@@ -197,12 +233,11 @@ def _attention_backward(grad_out, out, lse, rng_state, query, key, value, attn_m
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
                  window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
     if spec.varlen:
-        spec, offs_q, offs_k = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
+        spec, packed = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     kern = _select(spec, kernel_name)
     _record("backward", kern.name, spec)
     if spec.varlen:
-        grads = _backward_varlen(kern, spec, offs_q, offs_k, grad_out, query, key, value, out, lse, rng_state,
-                                 cu_seqlens_q, cu_seqlens_k)
+        grads = _backward_varlen(kern, spec, packed, grad_out, query, key, value, out, lse, rng_state)
     else:
         q, k, v = (t.permute(TO_BHSD[layout]) for t in (query, key, value))
         o, g = (t.permute(TO_BHSD[spec.out_layout]) for t in (out, grad_out))
@@ -323,5 +358,5 @@ def kernel_for(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
     spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
                  window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
     if spec.varlen:
-        spec, _, _ = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
+        spec, _ = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
     return _select(spec, kernel).name

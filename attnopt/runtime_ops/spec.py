@@ -7,7 +7,7 @@ tensors and a bad call fails with a ValueError before any kernel is launched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -47,7 +47,7 @@ class AttnSpec:
     window: tuple[int, int]
     mask_dtype: Optional[torch.dtype]
     equal_seqlens: bool = False
-    seqused: bool = False  # per-batch key lengths (seqused_k) given
+    seqused: bool = False  # per-batch key lengths (seqused_k): as if batch b's keys were sliced to them
     softcap: float = 0.0  # scores become softcap * tanh(scores / softcap) before the mask; 0 = off
 
     @property
@@ -77,6 +77,12 @@ class AttnSpec:
 
     def band_is_top_left(self) -> bool:
         return self.causal_align == "top_left" or self.equal_seqlens
+
+
+def key_lengths_as_mask(spec: AttnSpec) -> AttnSpec:
+    """The spec a kernel without native ``seqused_k`` runs: key lengths and the band, which
+    aligns to them, both folded into one explicit mask (bool unless the given mask is additive)."""
+    return replace(spec, seqused=False, window=(-1, -1), mask_dtype=spec.mask_dtype or torch.bool)
 
 
 def _fail(msg: str) -> None:
@@ -214,7 +220,8 @@ def build_spec(
         causal_align=causal_align,
         window=(left, right),
         mask_dtype=mask_dtype,
-        equal_seqlens=layout != "thd" and sq == sk,
+        # with key lengths, a bottom-right band aligns to each batch's length, not to sk
+        equal_seqlens=layout != "thd" and seqused_k is None and sq == sk,  # a SymBool stays unevaluated
         seqused=seqused_k is not None,
         softcap=float(softcap),
     )

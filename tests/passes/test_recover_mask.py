@@ -212,6 +212,52 @@ def test_static_cache_decode_uses_key_lengths_without_repeating_the_cache():
     assert "seqused_k" in node.kwargs
 
 
+def test_transformers_static_cache_steps_use_key_lengths():
+    """transformers 5.x masks a StaticCache as k <= q + cumulative_length, and bumps that length
+    in place before attention: the key lengths must be the ones the mask saw."""
+    import copy
+
+    import transformers as T
+
+    from tests.models.transformers_models import llama
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    cache = T.StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 5)), past_key_values=cache, use_cache=True)
+    ref_cache = copy.deepcopy(cache)
+    step = lambda tok, c: model(tok, past_key_values=c, use_cache=True).logits
+    capture = Capture()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=capture.backend, fullgraph=True)
+    with torch.no_grad():
+        for n in (1, 1, 3, 1):  # decode steps and a few tokens at once (a second graph)
+            tok = torch.randint(0, 64, (2, n))
+            torch.testing.assert_close(compiled(tok, cache), step(tok, ref_cache))
+    for _, after, result in capture.graphs:
+        assert all("seqused_k" in s.mask and s.is_causal and not s.has_mask for s in result.sites)
+        calls = [n for n in after.graph.nodes if n.target is torch.ops.attnopt.attention.default]
+        assert len(calls) == 2 and all(n.kwargs["causal_align"] == "bottom_right" for n in calls)
+
+
+def test_cache_key_lengths_assert_when_the_mask_runs_past_the_cache():
+    from tests.bench_cores import static_cache_core
+
+    q, k_cache, v_cache = torch.randn(2, 3, 64), torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    fn = lambda *t: static_cache_core(*t, 4, 2)
+    capture = Capture()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=capture.backend)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k_cache, v_cache, torch.tensor([7])),
+                                   fn(q, k_cache, v_cache, torch.tensor([7])))
+        with pytest.raises(RuntimeError, match="ran past the cache"):  # last query's keys cut by the cache end
+            compiled(q, k_cache, v_cache, torch.tensor([15]))
+    (site,) = capture.result.sites
+    assert "seqused_k" in site.mask
+
+
 def test_decode_with_grad_keeps_the_mask():
     from tests.bench_cores import decode_core
 

@@ -159,7 +159,7 @@ def test_bad_cu_seqlens_raise_value_error():
         (torch.tensor([0, 4, 9], dtype=torch.int32), "must end at"),
         (torch.tensor([1, 4, 10], dtype=torch.int32), "must start at 0"),
         (torch.tensor([0, 7, 5, 10], dtype=torch.int32), "non-decreasing"),
-        (torch.tensor([0, 10], dtype=torch.int32), "batch\+1"),
+        (torch.tensor([0, 10], dtype=torch.int32), r"batch\+1"),
         (torch.tensor([0, 4, 10], dtype=torch.int64), "int32"),
     ]:
         cu_k = cu if msg in ("int32", "non-decreasing") else good
@@ -167,6 +167,22 @@ def test_bad_cu_seqlens_raise_value_error():
             R.attention(q, q, q, layout="thd", cu_seqlens_q=cu, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=6)
     with pytest.raises(ValueError, match="longer than its max_seqlen"):
         R.attention(q, q, q, layout="thd", cu_seqlens_q=good, cu_seqlens_k=good, max_seqlen_q=5, max_seqlen_k=6)
+
+
+def test_offsets_ending_in_empty_sequences_run_only_the_filled_ones():
+    """Offsets built in a graph have a fixed worst-case size; the kernel sees the real sequences."""
+    q = torch.randn(10, 2, 8, requires_grad=True)
+    fixed = torch.tensor([0, 4, 10, 10, 10, 10], dtype=torch.int32)
+    tight = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with R.trace_kernels() as calls:
+        out = R.attention(q, q, q, layout="thd", cu_seqlens_q=fixed, cu_seqlens_k=fixed, max_seqlen_q=10,
+                          max_seqlen_k=10, is_causal=True)
+        (grad,) = torch.autograd.grad(out.sum(), q)
+    assert [c.shape[0] for c in calls] == [2, 2] and calls[0].shape[3] == 6  # 2 sequences, longest 6
+    want = R.attention(q, q, q, layout="thd", cu_seqlens_q=tight, cu_seqlens_k=tight, max_seqlen_q=6,
+                       max_seqlen_k=6, is_causal=True)
+    assert torch.allclose(out, want)
+    assert torch.allclose(grad, torch.autograd.grad(want.sum(), q)[0])
 
 
 def test_mask_requiring_grad_is_refused():

@@ -20,10 +20,14 @@ TOL = 2e-2  # bf16 operands: errors land between 1e-3 and 1e-2
 
 
 def _gpu_variant(v):
-    """Larger than the CPU sizes so that tiles are exercised; head dims kept kernel-friendly."""
-    grow = dict(seqlen_q=v.seqlen_q * 8, seqlen_k=v.seqlen_k * 8, dim_qk=v.dim_qk * 2, dim_v=v.dim_v * 2)
+    """Larger than the CPU sizes so that tiles are exercised; head dims kept kernel-friendly; a
+    single query stays single (decode)."""
+    grow = dict(seqlen_q=v.seqlen_q * 8 if v.seqlen_q > 1 else 1, seqlen_k=v.seqlen_k * 8, dim_qk=v.dim_qk * 2,
+                dim_v=v.dim_v * 2)
     if v.seqlens:
         grow["seqlens"] = tuple(s * 8 for s in v.seqlens)
+    if v.seqused:
+        grow["seqused"] = tuple(s * 8 for s in v.seqused)
     return v.scaled(**grow)
 
 
@@ -31,12 +35,11 @@ def _spec(q, k, v, kw):
     a = dict(kw)
     return build_spec(q, k, v, a.get("attn_mask"), 0.0, a["is_causal"], None, a["layout"], a.get("out_layout"),
                       a["causal_align"], a["window_size"], a.get("cu_seqlens_q"), a.get("cu_seqlens_k"),
-                      a.get("max_seqlen_q"), a.get("max_seqlen_k"), softcap=a.get("softcap", 0.0))
+                      a.get("max_seqlen_q"), a.get("max_seqlen_k"), a.get("seqused_k"), a.get("softcap", 0.0))
 
 
 def test_every_variant_on_every_cuda_kernel():
     rows, failures = [], []
-    device = torch.device("cuda")
     for variant in map(_gpu_variant, VARIANTS + SOFTCAP_VARIANTS):
         q, k, v, kw = make_inputs(variant, torch.bfloat16, "cuda")
         q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
@@ -47,11 +50,9 @@ def test_every_variant_on_every_cuda_kernel():
         if spec.varlen:
             spec, *_ = varlen_spec(spec, q, k, kw["cu_seqlens_q"], kw["cu_seqlens_k"])
         auto = R.kernel_for(q, k, v, **kw)
-        for name in kernels.ORDER["cuda"]:
-            kern = kernels.KERNELS[name]
-            reason = kern.available(device) or kern.unsupported(spec)
-            if reason:
-                rows.append((variant.name, name, "n/a", reason))
+        for name, why_not in kernels.explain(spec).items():
+            if why_not != "ok":
+                rows.append((variant.name, name, "n/a", why_not))
                 continue
             try:
                 with R.trace_kernels() as calls:
@@ -90,7 +91,7 @@ def test_dropout_forward_and_backward_share_the_mask(kernel):
     print(f"\ndropout on {kernel}: <dO,out>={lhs.item():.4f} <dV,v>={rhs.item():.4f}")
 
 
-@pytest.mark.parametrize("kernel", ["fa4", "cudnn", "efficient", "math"])
+@pytest.mark.parametrize("kernel", ["fa4", "flash", "cudnn", "efficient", "math"])
 def test_seqused_k_decode_matches_sliced_cache(kernel):
     kern = kernels.KERNELS[kernel]
     if kern.available(torch.device("cuda")):
@@ -108,3 +109,20 @@ def test_seqused_k_decode_matches_sliced_cache(kernel):
             q[b:b + 1].transpose(1, 2).float(), k[b:b + 1, :n].transpose(1, 2).float(),
             v[b:b + 1, :n].transpose(1, 2).float(), enable_gqa=True).transpose(1, 2)
         assert rel_err(out[b:b + 1], ref) < TOL
+
+
+def test_decode_over_a_cache_runs_in_a_cuda_graph():
+    """The decode path reads key lengths on the device only, so a decode step can be captured."""
+    torch.manual_seed(0)
+    q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(8, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([1000 + 37 * i for i in range(8)], device="cuda", dtype=torch.int32)
+    eager = R.attention(q, k, v, seqused_k=lengths)
+    graph = torch.cuda.CUDAGraph()
+    with R.trace_kernels() as calls, torch.cuda.graph(graph):
+        out = R.attention(q, k, v, seqused_k=lengths)
+    lengths += 5  # the graph reads the new lengths when replayed
+    graph.replay()
+    assert {c.kernel for c in calls} == {"flash"}
+    want = R.attention(q, k, v, seqused_k=lengths)
+    assert rel_err(out, want) < 1e-6 and rel_err(out, eager) > 1e-4

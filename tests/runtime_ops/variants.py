@@ -37,6 +37,7 @@ class Variant:
     window: tuple[int, int] = (-1, -1)
     mask: Optional[str] = None  # "bool" or "additive"
     seqlens: Optional[tuple[int, ...]] = None  # packed thd self-attention
+    seqused: Optional[tuple[int, ...]] = None  # per-batch key lengths over a partly filled cache
     softcap: float = 0.0
 
     def scaled(self, **kw) -> "Variant":
@@ -64,6 +65,9 @@ VARIANTS = [
     Variant("decode", seqlen_q=1, seqlen_k=33, heads_q=8, heads_kv=2, is_causal=True, causal_align="bottom_right"),
     Variant("thd", layout="thd", seqlens=(5, 11, 16), heads_q=8, heads_kv=2, is_causal=True),
     Variant("thd_window", layout="thd", seqlens=(9, 3, 20), window=(4, 0)),
+    Variant("kv_cache_decode", layout="bhsd", seqlen_q=1, seqlen_k=40, heads_q=8, heads_kv=2, seqused=(17, 40)),
+    Variant("kv_cache_causal", seqlen_q=3, seqlen_k=40, heads_q=8, heads_kv=2, is_causal=True,
+            causal_align="bottom_right", seqused=(9, 33)),
 ]
 # Softcapped scores (Gemma 2): only FA4 and the math kernel take them.
 SOFTCAP_VARIANTS = [
@@ -86,6 +90,8 @@ def make_inputs(v: Variant, dtype: torch.dtype, device: str, requires_grad: bool
                         causal_align=v.causal_align, window_size=v.window)
     if v.softcap:
         kwargs["softcap"] = v.softcap
+    if v.seqused:
+        kwargs["seqused_k"] = torch.tensor(v.seqused, dtype=torch.int32, device=device)
     if v.layout == "thd":
         total = sum(v.seqlens)
         q, k, val = rnd(total, v.heads_q, v.dim_qk), rnd(total, v.heads_kv, v.dim_qk), rnd(total, v.heads_kv, v.dim_v)
@@ -159,7 +165,12 @@ def reference(q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> Tensor:
             outs.append(_dense_reference(d(q64), d(k64), d(v64), None, *args)[0].transpose(0, 1))
         return torch.cat(outs)
     p = TO_BHSD[layout]
-    o = _dense_reference(q64.permute(p), k64.permute(p), v64.permute(p), mask, *args)
+    q64, k64, v64 = q64.permute(p), k64.permute(p), v64.permute(p)
+    if kwargs.get("seqused_k") is not None:  # each batch over its own first keys, as if sliced
+        o = torch.cat([_dense_reference(q64[b:b + 1], k64[b:b + 1, :, :n], v64[b:b + 1, :, :n], None, *args)
+                       for b, n in enumerate(kwargs["seqused_k"].tolist())])
+    else:
+        o = _dense_reference(q64, k64, v64, mask, *args)
     inv = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (2, 0, 1, 3)}[out_layout]
     return o.permute(inv)
 

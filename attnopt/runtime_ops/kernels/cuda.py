@@ -4,8 +4,9 @@ log-sum-exp and RNG state and runs the matching backward without recomputing the
 - cuDNN: GQA, q/k head dim != v head dim, any strides with a unit-stride head dim, additive
   masks and dropout; top-left causal; writes the output in q's memory order.
 - FLASH (FlashAttention-2 in torch): GQA, bottom-right causal and sliding windows, packed (thd)
-  sequences; equal head dims, no mask, and no dropout (its RNG state differs across torch
-  versions; cuDNN and EFFICIENT serve dropout).
+  sequences, per-batch key lengths over a KV cache (split-KV for a single query); equal head
+  dims, no mask, and no dropout (its RNG state differs across torch versions; cuDNN and
+  EFFICIENT serve dropout).
 - EFFICIENT (memory-efficient): q/k head dim != v head dim, masks, both causal alignments,
   dropout; no GQA; operands are made contiguous BSHD (its backward needs that).
 
@@ -13,6 +14,7 @@ None of them softcaps scores (FA4 and the math kernel do).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -90,9 +92,30 @@ class CudnnKernel(Kernel):
         )
 
 
+def _rows(t: Tensor) -> tuple[Tensor, int]:
+    """A [B, H, S, D] cache view as the (rows, H, D) tensor a packed kernel reads, and the row
+    where each batch starts (batch b at b * step): packed kernels address batch b from
+    ``cu_seqlens[b]`` rows with the tensor's own strides, so a cache is read where it lies.
+    Strides that do not fit (batch stride not a whole number of rows) cost one copy to BSHD."""
+    b, h, s, d = t.shape
+    sb, sh, ss, sd = t.stride()
+    if sd != 1 or ss <= 0 or (b > 1 and sb % ss):
+        t = t.transpose(1, 2).contiguous().transpose(1, 2)
+        sb, sh, ss, _ = t.stride()
+    step = sb // ss if b > 1 else 0
+    return t.as_strided(((b - 1) * step + s, h, d), (ss, sh, 1)), step
+
+
+def _tokens(t: Tensor) -> Tensor:
+    """[B, H, S, D] -> packed [B * S, H, D] (a copy unless already in that order)."""
+    b, h, s, d = t.shape
+    return t.transpose(1, 2).reshape(b * s, h, d)
+
+
 class FlashKernel(Kernel):
     name = "flash"
     varlen_native = True
+    seqused_native = True
 
     def available(self, device):
         if _on_cuda(device):
@@ -117,39 +140,73 @@ class FlashKernel(Kernel):
             return "causal/window bands are bottom-right aligned in this kernel"
         return None
 
-    def _call(self, spec, q, k, v, cu_q, cu_k, max_q, max_k):
+    def _window(self, spec: AttnSpec) -> tuple[bool, dict]:
         left, right = spec.window
         causal = spec.is_causal and left < 0
         kw = {"scale": spec.scale}
         if not causal and spec.has_band:
             kw.update(window_size_left=left, window_size_right=right)
+        return causal, kw
+
+    def _call(self, spec, q, k, v, cu_q, cu_k, max_q, max_k, **extra):
+        causal, kw = self._window(spec)
         res = torch.ops.aten._flash_attention_forward.default(
-            q, k, v, cu_q, cu_k, max_q, max_k, spec.dropout_p, causal, False, **kw
+            q, k, v, cu_q, cu_k, max_q, max_k, spec.dropout_p, causal, False, **kw, **extra
         )
         return res[0], res[1]
 
     def _call_bwd(self, spec, do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, rng_state):
-        left, right = spec.window
-        causal = spec.is_causal and left < 0
-        kw = {"scale": spec.scale}
-        if not causal and spec.has_band:
-            kw.update(window_size_left=left, window_size_right=right)
+        causal, kw = self._window(spec)
         rng = unused = torch.empty(0, dtype=torch.int64, device=q.device)
         # None reaches the kernel as an undefined tensor: "not packed".
         return torch.ops.aten._flash_attention_backward.default(
             do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, spec.dropout_p, causal, rng, unused, **kw,
         )
 
-    def forward(self, spec, q, k, v, mask):
+    def forward(self, spec, q, k, v, mask, seqused_k=None):
+        if seqused_k is not None:
+            return self._cache_forward(spec, q, k, v, seqused_k)
         t = lambda x: x.transpose(1, 2)  # BHSD view -> BSHD view
         out, lse = self._call(spec, t(q), t(k), t(v), None, None, spec.seqlen_q, spec.seqlen_k)
         return out.transpose(1, 2), lse, empty_rng(q.device)
 
-    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
+    def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask, seqused_k=None) -> Grads:
+        if seqused_k is not None:
+            return self._cache_backward(spec, grad_out, q, k, v, out, lse, rng_state, seqused_k)
         t = lambda x: x.transpose(1, 2)
         dq, dk, dv = self._call_bwd(spec, t(grad_out), t(q), t(k), t(v), t(out), lse, None, None,
                                     spec.seqlen_q, spec.seqlen_k, rng_state)
         return t(dq), t(dk), t(dv)
+
+    def _cache_forward(self, spec, q, k, v, seqused_k):
+        """Queries over a partly filled cache: the packed entry point, which honours ``seqused_k``
+        and, for one query per batch, folds the GQA group into query rows and splits the keys."""
+        b, sq = spec.batch, spec.seqlen_q
+        (k_rows, step_k), (v_rows, step_v) = _rows(k), _rows(v)
+        if step_k != step_v:  # one offset vector serves both: copy them to one layout (BSHD)
+            (k_rows, step_k), (v_rows, _) = (_rows(t.transpose(1, 2).contiguous().transpose(1, 2)) for t in (k, v))
+        batches = torch.arange(b + 1, device=q.device, dtype=torch.int32)
+        out, lse = self._call(spec, _tokens(q), k_rows, v_rows, batches * sq, batches * step_k, sq, spec.seqlen_k,
+                              seqused_k=seqused_k)
+        out = out.view(b, sq, spec.heads_q, spec.dim_v).transpose(1, 2)
+        return out, lse.view(spec.heads_q, b, sq).transpose(0, 1), empty_rng(q.device)
+
+    def _cache_backward(self, spec, grad_out, q, k, v, out, lse, rng_state, seqused_k) -> Grads:
+        """The packed backward takes no key lengths, so the used keys are gathered into packed
+        sequences (reading the lengths on the host) and the gradients scattered back."""
+        b, sq = spec.batch, spec.seqlen_q
+        lengths = seqused_k.tolist()
+        kept = lambda t: torch.cat([t[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
+        cu_k = torch.tensor([0, *itertools.accumulate(lengths)], device=q.device, dtype=torch.int32)
+        cu_q = torch.arange(b + 1, device=q.device, dtype=torch.int32) * sq
+        lse_rows = lse.transpose(0, 1).reshape(spec.heads_q, b * sq)
+        dq, dk_rows, dv_rows = self._call_bwd(spec, _tokens(grad_out), _tokens(q), kept(k), kept(v), _tokens(out),
+                                              lse_rows, cu_q, cu_k, sq, max(max(lengths), 1), rng_state)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for i, (a, n) in enumerate(zip(cu_k.tolist(), lengths)):
+            dk[i, :, :n] = dk_rows[a:a + n].transpose(0, 1)
+            dv[i, :, :n] = dv_rows[a:a + n].transpose(0, 1)
+        return dq.view(b, sq, spec.heads_q, spec.dim_qk).transpose(1, 2), dk, dv
 
     def forward_varlen(self, spec, q, k, v, cu_q, cu_k):
         out, lse = self._call(spec, q, k, v, cu_q, cu_k, spec.seqlen_q, spec.seqlen_k)

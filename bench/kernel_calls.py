@@ -3,7 +3,7 @@
 Separates what a kernel costs on the GPU from what its Python launch path costs on the host,
 so that a slow end-to-end figure can be traced to one or the other.
 
-    python bench/kernels.py      # B=2 S=4096 Hq=32 Hkv=8 D=128 bf16 causal, BSHD inputs
+    python bench/kernel_calls.py      # B=2 S=4096 Hq=32 Hkv=8 D=128 bf16 causal, BSHD inputs
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main() -> None:
     add_shape_args(p)
     args = p.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("kernels.py times CUDA kernels; no CUDA device is visible")
+        sys.exit("kernel_calls.py times CUDA kernels; no CUDA device is visible")
     b, s, h, hkv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
     q, k, v, grad = projections(args, split_heads=True)
 
