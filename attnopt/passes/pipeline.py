@@ -96,12 +96,22 @@ def _describe(site: AttentionSite) -> SiteReport:
 
 
 def _copy(gm: GraphModule) -> GraphModule:
-    """A GraphModule sharing gm's parameters and submodules but owning a fresh graph."""
+    """A GraphModule sharing gm's parameters and submodules but owning a fresh graph.
+
+    Dynamo's bookkeeping travels along: AOTAutograd reads ``_param_name_to_source`` and each
+    placeholder's ``_dynamo_source`` to tell parameters, buffers and static inputs from the rest
+    (without them, CUDA graphs copy every parameter into the graph on each replay).
+    """
     graph = Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     new = GraphModule(gm, graph, gm.__class__.__name__)
     new.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    for old, node in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            node._dynamo_source = old._dynamo_source
     return new
 
 

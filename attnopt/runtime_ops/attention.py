@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .spec import (FROM_BHSD, TO_BHSD, AttnSpec, build_spec, check_cu_seqlens, key_lengths_as_mask, lse_shape,
-                   out_shape)
+from .spec import FROM_BHSD, TO_BHSD, AttnSpec, build_spec, check_cu_seqlens, lse_shape, out_shape
 
 log = logging.getLogger("attnopt")
 
@@ -77,31 +76,24 @@ def _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out
 
 @dataclasses.dataclass(frozen=True)
 class _Packed:
-    """Packed-sequence offsets as read from the host, trimmed to the sequences that hold tokens."""
+    """Packed-sequence offsets, trimmed to the sequences that hold tokens."""
 
-    offs_q: list[int]
-    offs_k: list[int]
     cu_q: Tensor
     cu_k: Tensor
 
+    def offsets(self) -> tuple[list[int], list[int]]:
+        """The offsets on the host, for kernels that run one sequence at a time."""
+        return self.cu_q.tolist(), self.cu_k.tolist()
+
 
 def _varlen_spec(spec: AttnSpec, q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor) -> tuple[AttnSpec, _Packed]:
-    """Check the offsets; drop the empty sequences at their end and tighten the maxima.
-
-    Offsets computed in a graph have a fixed size, the worst case (one sequence per token), so
-    they end in a long run of empty sequences; kernels size their scratch memory and grid by the
-    number of sequences times the longest one, so both are cut to what the offsets hold.
-    """
-    offs_q = check_cu_seqlens(cu_q, q.shape[0], spec.seqlen_q, "cu_seqlens_q")
-    offs_k = check_cu_seqlens(cu_k, k.shape[0], spec.seqlen_k, "cu_seqlens_k")
-    n = len(offs_q) - 1
-    while n > 1 and offs_q[n - 1] == offs_q[n] and offs_k[n - 1] == offs_k[n]:
-        n -= 1
-    offs_q, offs_k = offs_q[: n + 1], offs_k[: n + 1]
-    longest = lambda offs: max(1, max(b - a for a, b in zip(offs, offs[1:])))
-    spec = dataclasses.replace(spec, batch=n, seqlen_q=longest(offs_q), seqlen_k=longest(offs_k),
-                               equal_seqlens=offs_q == offs_k)
-    return spec, _Packed(offs_q, offs_k, cu_q[: n + 1], cu_k[: n + 1])
+    """Check the offsets; drop the empty sequences at their end and tighten the maxima: kernels
+    size their grid and scratch memory by the number of sequences times the longest one."""
+    n, longest_q, longest_k, equal = check_cu_seqlens(cu_q, cu_k, q.shape[0], k.shape[0], spec.seqlen_q,
+                                                      spec.seqlen_k)
+    cu_q, cu_k = cu_q[: n + 1], cu_k[: n + 1]
+    spec = dataclasses.replace(spec, batch=n, seqlen_q=longest_q, seqlen_k=longest_k, equal_seqlens=equal)
+    return spec, _Packed(cu_q, cu_k)
 
 
 def _sequences(spec: AttnSpec, offs_q: list[int], offs_k: list[int]) -> Iterator[tuple[int, slice, slice, AttnSpec]]:
@@ -123,7 +115,7 @@ def _forward_varlen(kern, spec, packed: _Packed, q, k, v):
         return kern.forward_varlen(spec, q, k, v, packed.cu_q, packed.cu_k)
     out = q.new_zeros(q.shape[0], spec.heads_q, spec.dim_v)
     lse = q.new_full((spec.heads_q, q.shape[0]), float("-inf"), dtype=torch.float32)
-    for _, sq, sk, sub in _sequences(spec, packed.offs_q, packed.offs_k):
+    for _, sq, sk, sub in _sequences(spec, *packed.offsets()):
         if sub.seqlen_q == 0 or sub.seqlen_k == 0:
             continue
         o, l, _ = kern.forward(sub, _dense(q[sq]), _dense(k[sk]), _dense(v[sk]), None)
@@ -136,7 +128,7 @@ def _backward_varlen(kern, spec, packed: _Packed, grad_out, q, k, v, out, lse, r
     if kern.varlen_native:
         return kern.backward_varlen(spec, grad_out, q, k, v, out, lse, rng_state, packed.cu_q, packed.cu_k)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for _, sq, sk, sub in _sequences(spec, packed.offs_q, packed.offs_k):
+    for _, sq, sk, sub in _sequences(spec, *packed.offsets()):
         if sub.seqlen_q == 0 or sub.seqlen_k == 0:
             continue
         g = kern.backward(sub, _dense(grad_out[sq]), _dense(q[sq]), _dense(k[sk]), _dense(v[sk]),
@@ -146,32 +138,13 @@ def _backward_varlen(kern, spec, packed: _Packed, grad_out, q, k, v, out, lse, r
 
 
 def _key_lengths(kern: kernels.Kernel, spec: AttnSpec, attn_mask, seqused_k) -> tuple[AttnSpec, dict]:
-    """Kernel arguments for per-batch key lengths: native ``seqused_k``, or folded into the mask
-    together with the band, which aligns to each batch's length as if its keys were sliced."""
+    """Kernel arguments for per-batch key lengths: native ``seqused_k``, or folded into the mask."""
     if seqused_k is None:
         return spec, {"mask": attn_mask}
     if kern.seqused_native:
         return spec, {"mask": attn_mask, "seqused_k": seqused_k}
-    device = seqused_k.device
-    lengths = seqused_k.long()[:, None, None, None]  # [B, 1, 1, 1]
-    i = torch.arange(spec.seqlen_q, device=device)[:, None]
-    j = torch.arange(spec.seqlen_k, device=device)
-    keep = j < lengths  # [B, 1, 1, Sk]
-    if spec.has_band:
-        if spec.causal_align == "bottom_right":
-            i = i + lengths - spec.seqlen_q  # [B, 1, Sq, 1]
-        left, right = spec.window
-        if left >= 0:
-            keep = keep & (j >= i - left)
-        if right >= 0:
-            keep = keep & (j <= i + right)
-    if attn_mask is None:
-        mask = keep
-    elif attn_mask.dtype == torch.bool:
-        mask = attn_mask & keep
-    else:
-        mask = attn_mask.masked_fill(~keep, float("-inf"))
-    return dataclasses.replace(key_lengths_as_mask(spec), mask_dtype=mask.dtype), {"mask": mask}
+    spec, mask = kernels.base.fold_key_lengths(spec, attn_mask, seqused_k)
+    return dataclasses.replace(spec, mask_dtype=mask.dtype), {"mask": mask}
 
 
 def _select(spec: AttnSpec, kernel: str) -> kernels.Kernel:

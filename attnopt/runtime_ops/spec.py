@@ -227,19 +227,34 @@ def build_spec(
     )
 
 
-def check_cu_seqlens(cu_seqlens: Tensor, total: int, max_seqlen: int, name: str) -> list[int]:
-    """Check offsets against the packed tensor (reads the offsets: real tensors only)."""
-    offsets = cu_seqlens.tolist()
-    if offsets[0] != 0:
-        _fail(f"{name} must start at 0, got {offsets[0]}")
-    if offsets[-1] != total:
-        _fail(f"{name} must end at the number of packed tokens ({total}), got {offsets[-1]}")
-    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-    if any(n < 0 for n in lengths):
-        _fail(f"{name} must be non-decreasing, got {offsets}")
-    if max(lengths) > max_seqlen:
-        _fail(f"{name} holds a sequence of {max(lengths)} tokens, longer than its max_seqlen {max_seqlen}")
-    return offsets
+def check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int,
+                     max_k: int) -> tuple[int, int, int, bool]:
+    """Check packed offsets against the packed tensors; return (sequences, longest q, longest k,
+    whether q and k offsets agree), the sequences counted up to the last one that holds a token
+    (offsets computed in a graph have a fixed worst-case size and end in empty sequences). One
+    read of a few numbers on the host."""
+    def summary(cu: Tensor) -> Tensor:
+        lengths = cu[1:] - cu[:-1]
+        return torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]), lengths
+
+    (sq, len_q), (sk, len_k) = summary(cu_q), summary(cu_k)
+    index = torch.arange(1, len_q.shape[0] + 1, device=cu_q.device, dtype=cu_q.dtype)
+    used = torch.where((len_q > 0) | (len_k > 0), index, torch.zeros_like(index)).max()
+    same = (cu_q == cu_k).all().to(cu_q.dtype) if cu_q.shape == cu_k.shape else torch.zeros_like(used)
+    (first_q, last_q, min_q, long_q, first_k, last_k, min_k, long_k, used, same) = \
+        torch.cat([sq, sk, used[None], same[None]]).tolist()
+    for name, first, last, shortest, longest, total, most in (
+            ("cu_seqlens_q", first_q, last_q, min_q, long_q, total_q, max_q),
+            ("cu_seqlens_k", first_k, last_k, min_k, long_k, total_k, max_k)):
+        if first != 0:
+            _fail(f"{name} must start at 0, got {first}")
+        if last != total:
+            _fail(f"{name} must end at the number of packed tokens ({total}), got {last}")
+        if shortest < 0:
+            _fail(f"{name} must be non-decreasing")
+        if longest > most:
+            _fail(f"{name} holds a sequence of {longest} tokens, longer than its max_seqlen {most}")
+    return max(used, 1), max(long_q, 1), max(long_k, 1), bool(same)
 
 
 def out_shape(spec: AttnSpec, total_q: int) -> tuple[int, ...]:

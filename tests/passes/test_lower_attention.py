@@ -44,6 +44,24 @@ def test_llama_attention_compiled_matches_eager_and_loses_every_copy(capture):
     assert sum(n.target is ATTN for n in capture.after.graph.nodes) == 1
 
 
+def test_parameters_stay_static_inputs_for_cuda_graphs():
+    """AOTAutograd tells parameters (static under CUDA graphs) from activations by Dynamo's
+    bookkeeping on the graph; the rewritten graph keeps it."""
+    from torch._functorch._aot_autograd.frontend_utils import _try_get_metadata_from_dynamo
+
+    torch.manual_seed(0)
+    model = LlamaAttention(hidden_size=64, num_heads=4, num_kv_heads=2)
+    graphs = []
+    backend = attnopt.backend(lambda gm, ex: graphs.append(gm) or gm.forward, strict=True)
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(torch.randn(2, 8, 64))
+    (gm,) = graphs
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    _, static = _try_get_metadata_from_dynamo(gm, [], len(placeholders), [None] * len(placeholders))
+    assert len(static) == len(list(model.parameters())) > 0
+    assert any(n.target is ATTN for n in gm.graph.nodes)
+
+
 def test_dynamo_graph_dump_shows_no_repeat_and_no_copy(capture):
     model = LlamaAttention(hidden_size=64, num_heads=4, num_kv_heads=2)
     torch.compile(model, backend=capture.backend)(torch.randn(2, 8, 64))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..spec import AttnSpec
+from ..spec import AttnSpec, key_lengths_as_mask
 
 Grads = tuple[Tensor, Tensor, Tensor]
 
@@ -85,3 +85,24 @@ def additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 def pad_last(t: Tensor, size: int) -> Tensor:
     """Zero-pad the head dim to ``size`` (kernels that need equal q/k and v head dims)."""
     return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
+
+
+def fold_key_lengths(spec: AttnSpec, mask: Optional[Tensor], seqused_k: Tensor) -> tuple[AttnSpec, Tensor]:
+    """Key lengths (and the band, which aligns to them as if each batch's keys were sliced)
+    folded into one explicit mask, for kernels without native ``seqused_k``."""
+    device = seqused_k.device
+    lengths = seqused_k.long()[:, None, None, None]  # [B, 1, 1, 1]
+    i = torch.arange(spec.seqlen_q, device=device)[:, None]
+    j = torch.arange(spec.seqlen_k, device=device)
+    keep = j < lengths  # [B, 1, 1, Sk]
+    if spec.has_band:
+        if spec.causal_align == "bottom_right":
+            i = i + lengths - spec.seqlen_q  # [B, 1, Sq, 1]
+        left, right = spec.window
+        if left >= 0:
+            keep = keep & (j >= i - left)
+        if right >= 0:
+            keep = keep & (j <= i + right)
+    if mask is not None:
+        keep = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+    return key_lengths_as_mask(spec), keep

@@ -14,7 +14,6 @@ None of them softcaps scores (FA4 and the math kernel do).
 """
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from ..spec import AttnSpec
 from .base import Grads, Kernel, additive, empty_rng
+from .math import backward_with_key_lengths
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -142,8 +142,12 @@ class FlashKernel(Kernel):
 
     def _window(self, spec: AttnSpec) -> tuple[bool, dict]:
         left, right = spec.window
-        causal = spec.is_causal and left < 0
         kw = {"scale": spec.scale}
+        if spec.seqlen_q == 1 and left < 0 and spec.band_is_bottom_right():
+            # one query on the bottom-right diagonal sees every key: no band, which keeps FA2 on
+            # its decode path (GQA group folded into query rows, keys split across SMs)
+            return False, kw
+        causal = spec.is_causal and left < 0
         if not causal and spec.has_band:
             kw.update(window_size_left=left, window_size_right=right)
         return causal, kw
@@ -172,7 +176,7 @@ class FlashKernel(Kernel):
 
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask, seqused_k=None) -> Grads:
         if seqused_k is not None:
-            return self._cache_backward(spec, grad_out, q, k, v, out, lse, rng_state, seqused_k)
+            return backward_with_key_lengths(spec, grad_out, q, k, v, out, seqused_k)
         t = lambda x: x.transpose(1, 2)
         dq, dk, dv = self._call_bwd(spec, t(grad_out), t(q), t(k), t(v), t(out), lse, None, None,
                                     spec.seqlen_q, spec.seqlen_k, rng_state)
@@ -190,23 +194,6 @@ class FlashKernel(Kernel):
                               seqused_k=seqused_k)
         out = out.view(b, sq, spec.heads_q, spec.dim_v).transpose(1, 2)
         return out, lse.view(spec.heads_q, b, sq).transpose(0, 1), empty_rng(q.device)
-
-    def _cache_backward(self, spec, grad_out, q, k, v, out, lse, rng_state, seqused_k) -> Grads:
-        """The packed backward takes no key lengths, so the used keys are gathered into packed
-        sequences (reading the lengths on the host) and the gradients scattered back."""
-        b, sq = spec.batch, spec.seqlen_q
-        lengths = seqused_k.tolist()
-        kept = lambda t: torch.cat([t[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
-        cu_k = torch.tensor([0, *itertools.accumulate(lengths)], device=q.device, dtype=torch.int32)
-        cu_q = torch.arange(b + 1, device=q.device, dtype=torch.int32) * sq
-        lse_rows = lse.transpose(0, 1).reshape(spec.heads_q, b * sq)
-        dq, dk_rows, dv_rows = self._call_bwd(spec, _tokens(grad_out), _tokens(q), kept(k), kept(v), _tokens(out),
-                                              lse_rows, cu_q, cu_k, sq, max(max(lengths), 1), rng_state)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        for i, (a, n) in enumerate(zip(cu_k.tolist(), lengths)):
-            dk[i, :, :n] = dk_rows[a:a + n].transpose(0, 1)
-            dv[i, :, :n] = dv_rows[a:a + n].transpose(0, 1)
-        return dq.view(b, sq, spec.heads_q, spec.dim_qk).transpose(1, 2), dk, dv
 
     def forward_varlen(self, spec, q, k, v, cu_q, cu_k):
         out, lse = self._call(spec, q, k, v, cu_q, cu_k, spec.seqlen_q, spec.seqlen_k)

@@ -16,6 +16,7 @@ import torch
 
 from ..spec import AttnSpec
 from .base import Grads, Kernel, empty_rng
+from .math import backward_with_key_lengths
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -85,11 +86,12 @@ class FA4Kernel(Kernel):
         return out.transpose(1, 2), lse, empty_rng(q.device)
 
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask, seqused_k=None) -> Grads:
+        if seqused_k is not None:
+            return backward_with_key_lengths(spec, grad_out, q, k, v, out, seqused_k)
         t = lambda x: x.transpose(1, 2)
         w = self._window(spec)
         dq, dk, dv = _interface()._flash_attn_bwd(
-            t(q), t(k), t(v), t(out), t(grad_out), lse, spec.scale, w.pop("causal"), spec.softcap, seqused_k=seqused_k,
-            **w
+            t(q), t(k), t(v), t(out), t(grad_out), lse, spec.scale, w.pop("causal"), spec.softcap, **w
         )[:3]
         return t(dq), t(dk), t(dv)
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..spec import AttnSpec
-from .base import Grads, Kernel, empty_rng, full_mask
+from .base import Grads, Kernel, empty_rng, fold_key_lengths, full_mask
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -84,3 +84,13 @@ class MathKernel(Kernel):
         dq = torch.matmul(_grouped(ds, hkv), _acc(k).unsqueeze(2)).flatten(1, 2)
         dk = torch.matmul(_grouped(ds, hkv).transpose(-1, -2), _grouped(_acc(q), hkv)).sum(2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def backward_with_key_lengths(spec: AttnSpec, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                              seqused_k: Tensor) -> Grads:
+    """The backward of a fused kernel's forward over a partly filled cache, recomputed in the
+    math kernel with the key lengths as a mask: the fused backwards take no key lengths (FA2's)
+    or get them wrong (FA4 4.0.0b36, measured on the H100). Key lengths are lowered for
+    inference, so this serves only direct calls that train through a cache."""
+    spec, mask = fold_key_lengths(spec, None, seqused_k)
+    return MathKernel().backward(spec, grad_out, q, k, v, out, None, empty_rng(q.device), mask)
