@@ -85,7 +85,7 @@ class _Sequence:
 
     def gather(self, t: Tensor) -> Tensor:
         """All-gather along the sequence, returned in natural order."""
-        full = _wait(funcol.all_gather_single(t.contiguous(), self.dim, self.mesh))
+        full = _wait(funcol.all_gather_tensor(t.contiguous(), self.dim, self.mesh))
         parts = full.split(self.piece, self.dim)
         return torch.cat([parts[i] for i in self.gathered_at], self.dim)
 
@@ -93,7 +93,7 @@ class _Sequence:
         """Sum a natural-order full-length tensor over ranks and keep this rank's rows."""
         parts = t.split(self.piece, self.dim)
         gathered = torch.cat([parts[i] for i in self.natural_at], self.dim)
-        return _wait(funcol.reduce_scatter_single(gathered, "sum", self.dim, self.mesh))
+        return _wait(funcol.reduce_scatter_tensor(gathered, "sum", self.dim, self.mesh))
 
     def keys_seen(self, start: int, banded: bool, total: int) -> int:
         """How many leading keys (of ``total``) the query piece at ``start`` can see."""
