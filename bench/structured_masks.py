@@ -150,7 +150,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['variant']:24} {r['median_ms']:10.3f} {r['min_ms']:9.3f} {r['peak_mib']:9.0f} "
               f"{r.get('rel_err', float('nan')):8.1e} {r['kernel']}")
-    write_json(f"structured_{args.case}", {"env": env, "rows": rows})
+    name = f"structured_{args.case}" + (f"_batch{args.batch}" if args.case == "decode" and args.batch else "")
+    write_json(name, {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":
