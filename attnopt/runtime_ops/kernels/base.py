@@ -47,6 +47,15 @@ def empty_rng(device: torch.device) -> Tensor:
     return torch.empty(0, dtype=torch.int64, device=device)
 
 
+def _within_band(window: tuple[int, int], i: Tensor, j: Tensor) -> Tensor:
+    """Keys j inside the (left, right) window around query positions i (broadcast; one side bounded)."""
+    left, right = window
+    keep = j >= i - left if left >= 0 else None
+    if right >= 0:
+        keep = j <= i + right if keep is None else keep & (j <= i + right)
+    return keep
+
+
 def band_mask(spec: AttnSpec, sq: int, sk: int, device: torch.device) -> Optional[Tensor]:
     """Bool [Sq, Sk] mask of the causal / sliding-window band, or None when unbounded."""
     if not spec.has_band:
@@ -54,13 +63,7 @@ def band_mask(spec: AttnSpec, sq: int, sk: int, device: torch.device) -> Optiona
     offset = sk - sq if spec.causal_align == "bottom_right" else 0
     i = torch.arange(sq, device=device).unsqueeze(1) + offset
     j = torch.arange(sk, device=device).unsqueeze(0)
-    left, right = spec.window
-    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
+    return _within_band(spec.window, i, j)
 
 
 def full_mask(spec: AttnSpec, mask: Optional[Tensor], sq: int, sk: int, device: torch.device) -> Optional[Tensor]:
@@ -98,11 +101,7 @@ def fold_key_lengths(spec: AttnSpec, mask: Optional[Tensor], seqused_k: Tensor) 
     if spec.has_band:
         if spec.causal_align == "bottom_right":
             i = i + lengths - spec.seqlen_q  # [B, 1, Sq, 1]
-        left, right = spec.window
-        if left >= 0:
-            keep = keep & (j >= i - left)
-        if right >= 0:
-            keep = keep & (j <= i + right)
+        keep = keep & _within_band(spec.window, i, j)
     if mask is not None:
         keep = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
     return key_lengths_as_mask(spec), keep
