@@ -41,6 +41,21 @@ def time_ms(step: Callable[[], None], warmup: int = 10, iters: int = 50, repeats
     return {"median_ms": statistics.median(per_run), "min_ms": min(per_run), "max_ms": max(per_run)}
 
 
+def graph_replay_ms(step: Callable[[], object], iters: int = 100, repeats: int = 5) -> dict:
+    """Median ms of ``step`` captured once in a CUDA graph and replayed: the device time of its
+    kernels with no Python in between (what a step costs inside a larger captured graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return time_ms(graph.replay, warmup=10, iters=iters, repeats=repeats)
+
+
 def peak_mib(step: Callable[[], None]) -> float:
     """Peak allocated memory during one step, counting everything alive (inputs included)."""
     torch.cuda.synchronize()

@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from ..patterns.normalize import meta
+from ..patterns.normalize import meta, same
 from ..patterns.site import AttentionSite, Operand
 
 aten = torch.ops.aten
@@ -77,6 +77,26 @@ def keep_mask(gm: GraphModule, mask: Optional[Node], site: AttentionSite, key: s
         return mask
     node = gm.graph.call_function(aten.logical_not.default, (mask,))
     _stamp(node, site, key)
+    return node
+
+
+def _key_padding_mask(gm: GraphModule, padding: Node, site: AttentionSite, key: str) -> Node:
+    """[B, 1, 1, Sk] bool keep-mask from the model's [B, >= Sk] padding input (nonzero = keep)."""
+    g = gm.graph
+    sk = meta(site.key.source).shape[site.key.dims.index("s")]
+    steps: list[Node] = []
+    node = padding
+    if not same(meta(padding).shape[1], sk):
+        node = g.call_function(aten.slice.Tensor, (node, 1, 0, sk))
+        steps.append(node)
+    if meta(padding).dtype != torch.bool:
+        node = g.call_function(aten.ne.Scalar, (node, 0))
+        steps.append(node)
+    for _ in range(2):
+        node = g.call_function(aten.unsqueeze.default, (node, 1))
+        steps.append(node)
+    for n in steps:
+        _stamp(n, site, key)
     return node
 
 
@@ -225,6 +245,8 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
         mask = keep_mask(gm, mask, site, key)
         if mask is not None:
             kwargs["attn_mask"] = mask
+        if site.extra.get("key_padding") is not None:
+            kwargs["attn_mask"] = _key_padding_mask(gm, site.extra["key_padding"], site, key)
         if site.extra.get("key_limit"):
             kwargs["seqused_k"] = _seqused(gm, site, key)
         if site.extra.get("cache_offset"):

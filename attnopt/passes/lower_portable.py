@@ -66,8 +66,8 @@ def lower_to_sdpa(gm: GraphModule, site: AttentionSite, written_mask: Optional[N
     key = _meta_key(gm)
     mask, causal = site.attn_mask, sdpa_causal(site)
     if site.extra.get("chunk") or site.extra.get("key_limit") or site.extra.get("cache_offset") \
-            or site.extra.get("documents") is not None:
-        causal = None  # chunks, key lengths and documents have no SDPA argument: keep the mask
+            or site.extra.get("documents") is not None or site.extra.get("key_padding") is not None:
+        causal = None  # chunks, key lengths, documents and padding with a band: keep the mask
     if causal is None:
         if written_mask is None:
             raise ValueError(f"{site.name}: window {site.window} ({site.causal_align}) has no SDPA spelling")

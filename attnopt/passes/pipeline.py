@@ -76,7 +76,8 @@ class PassResult:
 
 def _describe(site: AttentionSite) -> SiteReport:
     rep = SiteReport(site.name, site.kind, "skipped" if site.skip_reason else "lowered", site.skip_reason,
-                     site.module_path, site.source_location, has_mask=site.attn_mask is not None)
+                     site.module_path, site.source_location,
+                     has_mask=site.attn_mask is not None or site.extra.get("key_padding") is not None)
     if site.query is None:
         return rep
     q, k, v = site.query, site.key, site.value

@@ -4,7 +4,9 @@ A mask proven to be a causal or sliding-window band (or all true) is dropped and
 ``is_causal`` / ``causal_align`` / ``window_size``, which the fast kernels take natively; chunks
 become batches of whole chunks, documents packed ``thd`` sequences, and the key limits of a KV
 cache (a single query's position, or the number of cached tokens) per-batch key lengths
-(``seqused_k``). Key padding is reported and kept as the explicit mask: correct, slower.
+(``seqused_k``). Key padding with a band becomes the [B, 1, 1, Sk] padding vector the model was
+given plus the band's flags: kernels read Sk booleans per batch instead of a dense Sq x Sk mask,
+and skip the blocks the band leaves out.
 """
 from __future__ import annotations
 
@@ -44,6 +46,11 @@ def recover_mask(site: AttentionSite) -> Optional[str]:
         why_not = _chunks_as_batches(site, structure, sq, sk)
         if why_not is None:
             return f"{found}: mask removed, chunks run as batches"
+        return f"{found}: kept as an explicit mask ({why_not})"
+    if structure.padding is not None and _band_and(structure, "padding"):
+        why_not = _key_padding(site, structure, sq, sk)
+        if why_not is None:
+            return f"{found}: dense mask removed, key padding passed as a [B, 1, 1, Sk] mask"
         return f"{found}: kept as an explicit mask ({why_not})"
     if structure.cache_offset is not None and _only(structure, "cache_offset"):
         why_not = _cache_lengths(site, structure)
@@ -103,10 +110,31 @@ def _documents_as_sequences(site: AttentionSite, structure: MaskStructure, sq: i
     return None
 
 
+_TERMS = ("chunk", "document", "padding", "upper", "lower", "key_limit", "cache_offset")
+
+
 def _only(structure: MaskStructure, limit: str) -> bool:
     """True when ``limit`` is the mask's only term."""
-    others = ("chunk", "document", "padding", "upper", "lower", "key_limit", "cache_offset")
-    return not structure.never and all(getattr(structure, f) is None for f in others if f != limit)
+    return not structure.never and all(getattr(structure, f) is None for f in _TERMS if f != limit)
+
+
+def _band_and(structure: MaskStructure, term: str) -> bool:
+    """True when the mask is ``term`` and at most a causal/window band."""
+    others = set(_TERMS) - {term, "upper", "lower"}
+    return not structure.never and all(getattr(structure, f) is None for f in others)
+
+
+def _key_padding(site: AttentionSite, structure: MaskStructure, sq: int, sk: int) -> Optional[str]:
+    """Key padding AND a band: the band goes to the site's flags and the padding input (nonzero =
+    keep) reaches the op as a [B, 1, 1, Sk] mask, the same mask factored."""
+    if any(op.dims.count("b") != 1 for op in (site.query, site.key, site.value)):
+        return "key padding needs a batch axis"
+    band = MaskStructure(upper=structure.upper, lower=structure.lower).band(sq, sk)
+    if band is None:
+        return "band not expressible as a causal/window diagonal"
+    _apply_band(site, band)
+    site.extra["key_padding"] = structure.padding
+    return None
 
 
 def _inference_only(site: AttentionSite) -> Optional[str]:

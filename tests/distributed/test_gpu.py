@@ -53,9 +53,18 @@ def test_context_parallel_s16384_matches_one_gpu(sdpa):
     for rank in run_ranks(workers.cp_attention, seq, configs, torch.bfloat16, sdpa, backend="nccl"):
         for config in configs:
             got = rank[config]
-            print(f"\n{config}: kernels {got['kernels']}")
-            assert got["kernels"], "attnopt.attention did not run"
-            assert _rel(got["out"], want.detach().cpu()) < 2e-2
-            assert _rel(got["dx"], x.grad.cpu()) < 3e-2
+            errs = {"out": _rel(got["out"], want.detach().cpu()), "dx": _rel(got["dx"], x.grad.cpu())}
             for name, p in layer.named_parameters():
-                assert _rel(got["grads"][name], p.grad.cpu()) < 3e-2, name
+                if name == "k_proj.bias":
+                    # Zero in exact arithmetic: q.(k + b) shifts a whole row of scores by q.b, which
+                    # softmax ignores, so both runs hold bf16 rounding only (a relative error of two
+                    # roundings means nothing). Measured against the k_proj weight gradient's scale:
+                    # keys whose dK went missing or landed twice would not sum to zero.
+                    scale = float(layer.k_proj.weight.grad.float().norm())
+                    errs[name] = float((got["grads"][name] - p.grad.cpu()).float().norm()) / scale
+                else:
+                    errs[name] = _rel(got["grads"][name], p.grad.cpu())
+            print(f"\n{config}: kernels {got['kernels']}\n  errors {({k: f'{e:.1e}' for k, e in errs.items()})}")
+            assert got["kernels"], "attnopt.attention did not run"
+            assert errs.pop("out") < 2e-2
+            assert all(e < 3e-2 for e in errs.values()), errs

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import attnopt
 from attnopt.patterns.mask_structure import analyse_mask
-from attnopt.patterns.normalize import sdpa_args
+from attnopt.patterns.normalize import meta, sdpa_args
 from tests.conftest import Capture, assert_grads_match
 
 B, H, S, D = 2, 4, 12, 8
@@ -126,8 +126,15 @@ CASES = {
     "plain": ({}, "k - q <= 0: mask removed"),
     "packed": ({"position_ids": torch.cat([torch.arange(10), torch.arange(6)]).repeat(2, 1)},
                "documents run as packed sequences (thd)"),
-    "padded": ({"attention_mask": torch.tensor([[0, 0, 0] + [1] * 13, [1] * 16])}, "key padding"),
+    "padded": ({"attention_mask": torch.tensor([[0, 0, 0] + [1] * 13, [1] * 16])},
+               "key padding passed as a [B, 1, 1, Sk] mask"),
 }
+
+
+def _op_masks(gm) -> list:
+    """Shapes of the masks the attnopt calls in ``gm`` receive."""
+    return [tuple(meta(n.kwargs["attn_mask"]).shape) if "attn_mask" in n.kwargs else None
+            for n in gm.graph.nodes if n.target is torch.ops.attnopt.attention.default]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -148,9 +155,12 @@ def test_transformers_llama_compiled(case):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
     assert [s.status for s in capture.result.sites] == ["lowered", "lowered"]
     assert all(expected in s.mask for s in capture.result.sites)
-    if case != "padded":
+    assert capture.result.masks_removed
+    if case == "padded":  # the model's padding vector, not the dense causal-and-padding mask
+        assert all(s.has_mask and s.is_causal for s in capture.result.sites)
+        assert _op_masks(capture.after) == [(2, 1, 1, 16)] * 2
+    else:
         assert not any(s.has_mask for s in capture.result.sites)
-        assert capture.result.masks_removed
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -166,11 +176,8 @@ def test_transformers_llama_exported(case):
         other = torch.tensor([[5, 6, 7, 0, 1, 2, 3, 4, 9, 1, 2, 3, 4, 5, 6, 7], list(range(16))])
         torch.testing.assert_close(new_ep.module()(ids, position_ids=other), model(ids, position_ids=other),
                                    rtol=1e-4, atol=1e-4)
-    if case != "padded":
-        sdpa_masks = [sdpa_args(n)["attn_mask"] for n in new_ep.graph.nodes if sdpa_args(n)]
-        assert sdpa_masks == []
-        assert not any("attn_mask" in n.kwargs for n in new_ep.graph.nodes
-                       if n.target is torch.ops.attnopt.attention.default)
+    assert [sdpa_args(n)["attn_mask"] for n in new_ep.graph.nodes if sdpa_args(n)] == []
+    assert _op_masks(new_ep.graph_module) == [(2, 1, 1, 16) if case == "padded" else None]
 
 
 def test_analyse_mask_rejects_float_masks():
@@ -322,9 +329,10 @@ MODEL_MASKS = {
     "llama4_chunked": (lambda T: T.Llama4TextConfig(attention_chunk_size=4, head_dim=16, no_rope_layers=[1, 1],
                                                      **_SMALL), {}, "chunks run as batches"),
     "gpt2_padding": (lambda T: T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4), {"pad": True},
-                     "key padding"),
+                     "key padding passed as a [B, 1, 1, Sk] mask"),
     "bert_padding": (lambda T: T.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, intermediate_size=128), {"pad": True}, "key padding"),
+                                            num_attention_heads=4, intermediate_size=128), {"pad": True},
+                     "dense mask removed, key padding passed as a [B, 1, 1, Sk] mask"),
 }
 _SMALL = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2)
@@ -346,10 +354,18 @@ def test_transformers_model_masks(name):
     forward = lambda **kw: model(**kw).last_hidden_state
     capture = Capture()
     torch._dynamo.reset()
-    torch.testing.assert_close(torch.compile(forward, backend=capture.backend)(**kwargs), forward(**kwargs),
-                               rtol=1e-4, atol=1e-4)
+    out, ref = torch.compile(forward, backend=capture.backend)(**kwargs), forward(**kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, list(model.parameters()), grad, allow_unused=True)
+    want = torch.autograd.grad(ref, list(model.parameters()), grad, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
     assert [s.status for s in capture.result.sites] == ["lowered", "lowered"]
     assert all(expected in s.mask for s in capture.result.sites), [s.mask for s in capture.result.sites]
+    if options.get("pad"):
+        assert _op_masks(capture.after) == [(2, 1, 1, 16)] * 2
 
 
 def test_additive_key_limit_mask_is_kept():

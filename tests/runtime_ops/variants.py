@@ -35,7 +35,7 @@ class Variant:
     is_causal: bool = False
     causal_align: str = "top_left"
     window: tuple[int, int] = (-1, -1)
-    mask: Optional[str] = None  # "bool" or "additive"
+    mask: Optional[str] = None  # "bool", "additive" or "key_padding" (bool [B, 1, 1, Sk])
     seqlens: Optional[tuple[int, ...]] = None  # packed thd self-attention
     seqused: Optional[tuple[int, ...]] = None  # per-batch key lengths over a partly filled cache
     softcap: float = 0.0
@@ -62,6 +62,8 @@ VARIANTS = [
     Variant("bool_mask", mask="bool"),
     Variant("additive_mask", mask="additive", heads_q=8, heads_kv=4),
     Variant("mask_and_causal", mask="bool", is_causal=True),
+    Variant("key_padding", mask="key_padding", seqlen_k=24),
+    Variant("key_padding_gqa_causal", mask="key_padding", heads_q=8, heads_kv=2, is_causal=True),
     Variant("decode", seqlen_q=1, seqlen_k=33, heads_q=8, heads_kv=2, is_causal=True, causal_align="bottom_right"),
     Variant("thd", layout="thd", seqlens=(5, 11, 16), heads_q=8, heads_kv=2, is_causal=True),
     Variant("thd_window", layout="thd", seqlens=(9, 3, 20), window=(4, 0)),
@@ -104,7 +106,11 @@ def make_inputs(v: Variant, dtype: torch.dtype, device: str, requires_grad: bool
         q = rnd(*SHAPE_OF[v.layout](v.batch, v.heads_q, v.seqlen_q, v.dim_qk))
         k = rnd(*SHAPE_OF[v.layout](v.batch, v.heads_kv, v.seqlen_k, v.dim_qk))
         val = rnd(*SHAPE_OF[v.layout](v.batch, v.heads_kv, v.seqlen_k, v.dim_v))
-        if v.mask:
+        if v.mask == "key_padding":
+            keep = torch.rand(v.batch, 1, 1, v.seqlen_k, generator=g) > 0.3
+            keep[..., 0] = True  # every row keeps a key, causal ones included
+            kwargs["attn_mask"] = keep.to(device)
+        elif v.mask:
             keep = torch.rand(v.batch, 1, v.seqlen_q, v.seqlen_k, generator=g) > 0.3
             keep[..., 0] = True  # no fully masked rows: kernels differ on those (NaN vs 0)
             if v.mask == "bool":

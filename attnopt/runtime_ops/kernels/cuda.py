@@ -49,6 +49,20 @@ def _rng(seed: Tensor, offset: Tensor, device: torch.device) -> Tensor:
     return torch.stack([seed.reshape(()).to(device, torch.int64), offset.reshape(()).to(device, torch.int64)])
 
 
+def _cudnn_bias(mask: Optional[Tensor], spec: AttnSpec, dtype: torch.dtype) -> Optional[Tensor]:
+    """The mask as cuDNN's additive bias, as SDPA hands it over: rows 8-element aligned, and
+    broadcast to [B, Hq, Sq, Sk] as a view (a [B, 1, 1, Sk] key-padding mask stays Sk per batch)."""
+    bias = additive(mask, dtype)
+    if bias is None:
+        return None
+    sk = spec.seqlen_k
+    if bias.shape[-2] > 1 and bias.stride(-2) % 8:
+        aligned = bias.new_zeros(*bias.shape[:-1], -(-sk // 8) * 8)
+        aligned[..., :sk] = bias
+        bias = aligned[..., :sk]
+    return bias.expand(spec.batch, spec.heads_q, spec.seqlen_q, sk)
+
+
 class CudnnKernel(Kernel):
     name = "cudnn"
 
@@ -69,7 +83,7 @@ class CudnnKernel(Kernel):
         return None
 
     def forward(self, spec, q, k, v, mask):
-        bias = additive(mask, q.dtype)
+        bias = _cudnn_bias(mask, spec, q.dtype)
         res = torch.ops.aten._scaled_dot_product_cudnn_attention.default(
             q, k, v, bias, True, spec.dropout_p, spec.is_causal, False, scale=spec.scale
         )
@@ -80,7 +94,7 @@ class CudnnKernel(Kernel):
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
         # The backward assumes out and grad_out laid out like the forward wrote out: q's order.
         out, grad_out = same_order(out, q), same_order(grad_out, q)
-        bias = additive(mask, q.dtype)
+        bias = _cudnn_bias(mask, spec, q.dtype)
         if spec.dropout_p > 0:
             seed, offset = rng_state[0], rng_state[1]
         else:
@@ -104,6 +118,13 @@ def _rows(t: Tensor) -> tuple[Tensor, int]:
         sb, sh, ss, _ = t.stride()
     step = sb // ss if b > 1 else 0
     return t.as_strided(((b - 1) * step + s, h, d), (ss, sh, 1)), step
+
+
+def _starts(batch: int, step: int, device: torch.device) -> Tensor:
+    """int32 offsets 0, step, ..., batch * step (one kernel: this runs on every decode step)."""
+    if step == 0:
+        return torch.zeros(batch + 1, device=device, dtype=torch.int32)
+    return torch.arange(0, (batch + 1) * step, step, device=device, dtype=torch.int32)
 
 
 def _tokens(t: Tensor) -> Tensor:
@@ -189,9 +210,8 @@ class FlashKernel(Kernel):
         (k_rows, step_k), (v_rows, step_v) = _rows(k), _rows(v)
         if step_k != step_v:  # one offset vector serves both: copy them to one layout (BSHD)
             (k_rows, step_k), (v_rows, _) = (_rows(t.transpose(1, 2).contiguous().transpose(1, 2)) for t in (k, v))
-        batches = torch.arange(b + 1, device=q.device, dtype=torch.int32)
-        out, lse = self._call(spec, _tokens(q), k_rows, v_rows, batches * sq, batches * step_k, sq, spec.seqlen_k,
-                              seqused_k=seqused_k)
+        out, lse = self._call(spec, _tokens(q), k_rows, v_rows, _starts(b, sq, q.device), _starts(b, step_k, q.device),
+                              sq, spec.seqlen_k, seqused_k=seqused_k)
         out = out.view(b, sq, spec.heads_q, spec.dim_v).transpose(1, 2)
         return out, lse.view(spec.heads_q, b, sq).transpose(0, 1), empty_rng(q.device)
 

@@ -1,0 +1,100 @@
+"""Greedy decoding of a transformers Llama over a StaticCache, compiled: tokens/s.
+
+    python bench/decode.py                # batch 1 and 8, 16 layers, hidden 2048, 32/8 heads
+    python bench/decode.py --batch 8 --variants attnopt
+
+The model (random init, built from a config in code) prefills a prompt of ``--prompt`` tokens into
+a cache of ``--cache`` tokens eagerly, then decodes ``--steps`` tokens one at a time through
+``torch.compile``: Inductor with ``mode="reduce-overhead"`` (CUDA graphs), and attnopt with the
+same Inductor option (``triton.cudagraphs``); eager for reference. Each variant starts from a
+fresh prefill of the same prompt; the first decoded logits are compared with eager's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attnopt  # noqa: E402
+from common import environment, write_json  # noqa: E402
+
+VARIANTS = {
+    "eager": lambda f: f,
+    "inductor": lambda f: torch.compile(f, mode="reduce-overhead", fullgraph=True),
+    "attnopt": lambda f: torch.compile(f, backend=attnopt.backend(**{"triton.cudagraphs": True}), fullgraph=True),
+}
+
+
+def decode_run(model, prompt: torch.Tensor, cache_len: int, steps: int, variant: str) -> dict:
+    """Prefill ``prompt`` eagerly, decode ``steps`` greedy tokens under ``variant``."""
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    step = VARIANTS[variant](lambda tok, c: model(tok, past_key_values=c, use_cache=True).logits[:, -1])
+    tok = logits.argmax(-1, keepdim=True)
+    first = None
+    t0 = time.perf_counter()
+    with torch.no_grad(), attnopt.runtime_ops.trace_kernels() as calls:
+        for i in range(steps + 3):  # three warm-up steps: compile, CUDA-graph warm-up and record
+            if i == 3:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                compile_s = start - t0
+            torch.compiler.cudagraph_mark_step_begin()
+            logits = step(tok, cache)
+            if first is None:
+                first = logits.float().clone()
+            tok = logits.argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    batch = prompt.shape[0]
+    kernels = ",".join(sorted({c.kernel for c in calls})) or "(torch SDPA)"
+    return {"variant": variant, "batch": batch, "tokens_per_s": batch * steps / elapsed,
+            "ms_per_step": 1e3 * elapsed / steps, "warmup_s": compile_s, "kernel": kernels, "first_logits": first}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=4096)
+    p.add_argument("--cache", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--variants", default="eager,inductor,attnopt")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("decode.py times CUDA decoding; no CUDA device is visible")
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=args.cache)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    rows = []
+    for batch in args.batch:
+        prompt = torch.randint(0, cfg.vocab_size, (batch, args.prompt), device="cuda")
+        ref = None
+        for variant in args.variants.split(","):
+            torch._dynamo.reset()
+            row = decode_run(model, prompt, args.cache, args.steps, variant)
+            first = row.pop("first_logits")
+            ref = first if ref is None else ref
+            row["rel_err_vs_first"] = float((first - ref).norm() / ref.norm())
+            rows.append(row)
+            torch.cuda.empty_cache()
+    env = environment()
+    print(f"\nLlama decode: {args.layers} layers, hidden 2048, 32/8 heads, prompt {args.prompt}, cache {args.cache}, "
+          f"bf16; {env.get('device')} torch {env['torch']}")
+    print(f"{'batch':>5} {'variant':10} {'tokens/s':>10} {'ms/step':>8} {'warm-up s':>9} {'logits err':>10} kernel")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['variant']:10} {r['tokens_per_s']:10.0f} {r['ms_per_step']:8.2f} "
+              f"{r['warmup_s']:9.1f} {r['rel_err_vs_first']:10.1e} {r['kernel']}")
+    write_json("decode", {"env": env, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
