@@ -5,6 +5,9 @@ is small in width because compile time depends on the graph, not on tensor sizes
 
     python bench/compile_overhead.py                  # passes and Inductor, 8/16/32/64 layers
     python bench/compile_overhead.py --passes-only    # attnopt's passes alone (fast)
+
+The graph lives on CUDA when a GPU is visible (Inductor then generates Triton), else on CPU
+(C++); ``--device`` picks one.
 """
 from __future__ import annotations
 
@@ -22,11 +25,11 @@ from attnopt.passes import optimize_graph  # noqa: E402
 from common import environment, write_json  # noqa: E402
 
 
-def dynamo_graph(layers: int):
+def dynamo_graph(layers: int, device: str):
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(device)
     captured = []
 
     def capture(gm, example_inputs):
@@ -34,7 +37,7 @@ def dynamo_graph(layers: int):
         return gm
 
     torch._dynamo.reset()
-    ids = torch.randint(0, 256, (1, 64))
+    ids = torch.randint(0, 256, (1, 64), device=device)
     torch.compile(model, backend=capture)(input_ids=ids, labels=ids, use_cache=False)
     return captured[0]
 
@@ -43,10 +46,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", default="8,16,32,64")
     p.add_argument("--passes-only", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     rows = []
     for layers in map(int, args.layers.split(",")):
-        gm, example_inputs = dynamo_graph(layers)
+        gm, example_inputs = dynamo_graph(layers, args.device)
         times = []
         for _ in range(3):
             t = time.perf_counter()
@@ -65,14 +69,15 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     env = environment()
-    print(f"\ncompile overhead, transformers Llama training graph; {env.get('device', 'cpu')} torch {env['torch']}")
+    where = env.get("device", "cpu") if args.device == "cuda" else "cpu"
+    print(f"\ncompile overhead, transformers Llama training graph on {args.device}; {where} torch {env['torch']}")
     print(f"{'layers':>6} {'nodes':>6} {'passes s':>9} {'per layer ms':>12} {'Inductor s':>10} {'share':>6}")
     for r in rows:
         ind = r.get("inductor_s")
         share = f"{100 * r['passes_s'] / ind:5.1f}%" if ind else "-"
         print(f"{r['layers']:6d} {r['nodes']:6d} {r['passes_s']:9.3f} {1000 * r['passes_s'] / r['layers']:12.1f} "
               f"{ind if ind else float('nan'):10.1f} {share:>6}")
-    write_json("compile_overhead", {"env": env, "rows": rows})
+    write_json("compile_overhead", {"env": env, "device": args.device, "rows": rows})
 
 
 if __name__ == "__main__":

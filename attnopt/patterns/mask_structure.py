@@ -47,7 +47,7 @@ class MaskStructure:
     lower: Optional[int] = None  # k - q >= lower
     chunk: Optional[int] = None
     document: Optional[Node] = None  # position_ids whose restarts start documents
-    position_causal: Any = None  # positions P with P[b, k] <= P[b, q] (causal within a document)
+    position_band: Any = None  # positions P whose differences P[b, k] - P[b, q] bound the band
     document_positions: Any = None  # the positions function the document ids were cut from
     padding: Optional[Node] = None  # [B, Sk] keep-mask over keys
     key_limit: Optional[tuple[Node, int]] = None  # (P, e): keys k < P[q] + e, P a 1-D graph input
@@ -373,6 +373,38 @@ def _cache_offset(atom: Any, q: sympy.Symbol, k: sympy.Symbol, scalars: dict) ->
     return scalars[found[0].func], -lin[2]
 
 
+def _band_term(atom: Any, s: MaskStructure, q: sympy.Symbol, k: sympy.Symbol, diff: str) -> bool:
+    """Record ``atom`` as a bound on k - q when it is one (``diff`` names the difference)."""
+    lin = _linear_qk(atom.lhs - atom.rhs, q, k)
+    if not (lin and abs(lin[0]) == 1 and lin[1] == -lin[0]):
+        return False
+    # lhs - rhs = a*(q - k) + c; bring to  -a*(k - q) + c <= 0  (integers: x < 0 is x + 1 <= 0)
+    a, _, c = lin
+    if isinstance(atom, (sympy.Ge, sympy.Gt)):
+        a, c = -a, -c
+    if isinstance(atom, (sympy.Lt, sympy.Gt)):
+        c += 1
+    if a == -1:  # (k - q) + c <= 0
+        s.upper = -c if s.upper is None else min(s.upper, -c)
+        s.atoms.append(f"{diff} <= {-c}")
+    else:  # -(k - q) + c <= 0
+        s.lower = c if s.lower is None else max(s.lower, c)
+        s.atoms.append(f"{diff} >= {c}")
+    return True
+
+
+def _over_positions(atom: Any, b: sympy.Symbol, q: sympy.Symbol, k: sympy.Symbol) -> Optional[tuple[Any, Any]]:
+    """(P, the atom with P[b, k] -> k and P[b, q] -> q) when the atom compares position
+    differences P[b, k] - P[b, q] of one input P (causality or a window over position ids)."""
+    calls = (atom.lhs - atom.rhs).atoms(sympy.core.function.AppliedUndef)
+    funcs = {c.func for c in calls}
+    if len(funcs) != 1 or {c.args for c in calls} != {(b, k), (b, q)}:
+        return None
+    (func,) = funcs
+    mapping = {func(b, k): k, func(b, q): q}
+    return func, atom.func(atom.lhs.xreplace(mapping), atom.rhs.xreplace(mapping))
+
+
 def _classify(atom: Any, s: MaskStructure, b: sympy.Symbol, q: sympy.Symbol, k: sympy.Symbol,
               docs: dict, pads: dict, limits: dict, scalars: dict) -> None:
     if atom == sympy.true:
@@ -382,21 +414,17 @@ def _classify(atom: Any, s: MaskStructure, b: sympy.Symbol, q: sympy.Symbol, k: 
         s.atoms.append("false")
         return
     if isinstance(atom, (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt)):
-        lin = _linear_qk(atom.lhs - atom.rhs, q, k)
-        if lin and abs(lin[0]) == 1 and lin[1] == -lin[0]:
-            # lhs - rhs = a*(q - k) + c; bring to  -a*(k - q) + c <= 0  (integers: x < 0 is x + 1 <= 0)
-            a, _, c = lin
-            if isinstance(atom, (sympy.Ge, sympy.Gt)):
-                a, c = -a, -c
-            if isinstance(atom, (sympy.Lt, sympy.Gt)):
-                c += 1
-            if a == -1:  # (k - q) + c <= 0
-                s.upper = -c if s.upper is None else min(s.upper, -c)
-                s.atoms.append(f"k - q <= {-c}")
-            else:  # -(k - q) + c <= 0
-                s.lower = c if s.lower is None else max(s.lower, c)
-                s.atoms.append(f"k - q >= {c}")
+        if _band_term(atom, s, q, k, "k - q"):
             return
+        positional = _over_positions(atom, b, q, k)
+        if positional is not None:
+            func, index_atom = positional
+            if s.position_band not in (None, func):
+                raise Unproven("bands over two different position tensors")
+            name = str(func).removeprefix("in_")
+            if _band_term(index_atom, s, q, k, f"{name}[b, k] - {name}[b, q]"):
+                s.position_band = func
+                return
     if isinstance(atom, sympy.Eq):
         lhs, rhs = atom.lhs, atom.rhs
         chunk = _chunk(lhs, rhs, q, k)
@@ -419,11 +447,6 @@ def _classify(atom: Any, s: MaskStructure, b: sympy.Symbol, q: sympy.Symbol, k: 
         if atom.rhs.func in limits and atom.rhs.args == (q,):
             s.key_limit = (limits[atom.rhs.func], 1 if isinstance(atom, sympy.Le) else 0)
             s.atoms.append(f"k {'<=' if isinstance(atom, sympy.Le) else '<'} {limits[atom.rhs.func].name}[q]")
-            return
-    if isinstance(atom, sympy.Le) and all(isinstance(x, sympy.core.function.AppliedUndef) for x in atom.args):
-        if atom.lhs.func == atom.rhs.func and (atom.lhs.args, atom.rhs.args) == ((b, k), (b, q)):
-            s.position_causal = atom.lhs.func
-            s.atoms.append(f"{atom.lhs.func}[b, k] <= {atom.lhs.func}[b, q]")
             return
     if isinstance(atom, sympy.Ne) and atom.rhs == 0 and isinstance(atom.lhs, sympy.core.function.AppliedUndef):
         if atom.lhs.func in pads and atom.lhs.args == (b, k):
@@ -478,10 +501,8 @@ def analyse_mask(mask: Node, negate: bool = False) -> Union[MaskStructure, str]:
         return f"mask not recognised: {e}"
     except Exception as e:  # noqa: BLE001 - a term sympy cannot take apart is not a proof either
         return f"mask not recognised: {type(e).__name__} while classifying it: {e}"
-    if structure.position_causal is not None:
+    if structure.position_band is not None and structure.position_band != structure.document_positions:
         # Documents are cut where positions stop increasing by exactly 1, so inside one document
-        # P[b, k] - P[b, q] == k - q and position causality is index causality.
-        if structure.position_causal != structure.document_positions:
-            return "mask not recognised: causality over positions outside a document structure"
-        structure.upper = 0 if structure.upper is None else min(structure.upper, 0)
+        # P[b, k] - P[b, q] == k - q and a band over positions is the same band over indices.
+        return "mask not recognised: a band over positions outside a document structure"
     return structure
