@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnopt  # noqa: E402
 from attnopt.demo_model import repeat_kv  # noqa: E402
-from common import add_shape_args, environment, measure_fwd_bwd, projections, write_json  # noqa: E402
+from common import add_shape_args, environment, measure_fwd_bwd, print_fwd_bwd, projections, write_json  # noqa: E402
 
 
 def hf_core(q, k, v, heads, kv_heads):
@@ -60,14 +60,7 @@ def main() -> None:
     rows = measure_fwd_bwd(variants, q, k, v, grad, ref_out, args.iters)
 
     env = environment()
-    print(f"\nattention core fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16 causal")
-    print(f"{env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} flash-attn-4 {env['flash_attn_4']}")
-    base = next(r for r in rows if r["variant"] == "inductor")
-    print(f"{'variant':32} {'median ms':>9} {'min':>7} {'max':>7} {'peak MiB':>9} {'step MiB':>9} {'vs inductor':>11} {'rel err':>8} kernel")
-    for r in rows:
-        speed = base["median_ms"] / r["median_ms"]
-        print(f"{r['variant']:32} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['max_ms']:7.3f} {r['peak_mib']:9.0f} {r['step_mib']:9.0f} "
-              f"{speed:10.2f}x {r['rel_err']:8.1e} {r['kernel']}")
+    print_fwd_bwd(f"attention core fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16 causal", rows, env, "inductor")
     path = write_json("attention_core", {"env": env, "shape": vars(args), "rows": rows})
     print(f"wrote {path}")
 

@@ -116,3 +116,18 @@ def measure_fwd_bwd(variants: dict, q, k, v, grad, ref, iters: int) -> list[dict
         rows.append({"variant": name, **times, "peak_mib": peak, "step_mib": peak - given, "rel_err": err,
                      "kernel": ",".join(sorted({c.kernel for c in calls})) or "(torch SDPA)"})
     return rows
+
+
+def print_fwd_bwd(title: str, rows: list[dict], env: dict, baseline: str) -> None:
+    """The table of :func:`measure_fwd_bwd` rows, each timed against the row named ``baseline``
+    (as "time / baseline's time")."""
+    base = next(r for r in rows if r["variant"] == baseline)["median_ms"]
+    width = max(len(r["variant"]) for r in rows) + 2
+    print(f"\n{title}")
+    print(f"{env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} flash-attn-4 {env['flash_attn_4']}; "
+          f"'vs base': median / median of {baseline!r}")
+    print(f"{'variant':{width}} {'median ms':>9} {'min':>7} {'max':>7} {'peak MiB':>9} {'step MiB':>9} "
+          f"{'vs base':>8} {'rel err':>8} kernel")
+    for r in rows:
+        print(f"{r['variant']:{width}} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['max_ms']:7.3f} {r['peak_mib']:9.0f} "
+              f"{r['step_mib']:9.0f} {r['median_ms'] / base:7.3f}x {r['rel_err']:8.1e} {r['kernel']}")

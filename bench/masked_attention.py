@@ -25,7 +25,7 @@ from transformers.masking_utils import create_causal_mask
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_core import best_form  # noqa: E402
 from attnopt.demo_model import repeat_kv  # noqa: E402
-from common import add_shape_args, environment, measure_fwd_bwd, projections, write_json  # noqa: E402
+from common import add_shape_args, environment, measure_fwd_bwd, print_fwd_bwd, projections, write_json  # noqa: E402
 
 
 def transformers_core(q, k, v, config, position_ids=None):
@@ -76,14 +76,8 @@ def main() -> None:
         ref = best(q.float(), k.float(), v.float()).cpu()
     rows = measure_fwd_bwd(variants, q, k, v, grad, ref, args.iters)
     env = environment()
-    print(f"\ntransformers attention with in-graph mask, fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16, "
-          f"{n} document(s) per row")
-    print(f"{env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} flash-attn-4 {env['flash_attn_4']}")
-    ref_ms = rows[-1]["median_ms"]
-    print(f"{'variant':36} {'median ms':>9} {'min':>7} {'peak MiB':>9} {'step MiB':>9} {'vs reference':>12} {'rel err':>8} kernel")
-    for r in rows:
-        print(f"{r['variant']:36} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['peak_mib']:9.0f} {r['step_mib']:9.0f} "
-              f"{r['median_ms'] / ref_ms:11.3f}x {r['rel_err']:8.1e} {r['kernel']}")
+    print_fwd_bwd(f"transformers attention with in-graph mask, fwd+bwd, B={b} S={s} Hq={h} Hkv={hkv} D={d} bf16, "
+                  f"{n} document(s) per row", rows, env, rows[-1]["variant"])
     write_json("masked_attention" if n == 1 else f"masked_attention_{n}docs", {"env": env, "shape": vars(args), "rows": rows})
 
 

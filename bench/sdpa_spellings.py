@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, measure_fwd_bwd, write_json  # noqa: E402
+from common import environment, measure_fwd_bwd, print_fwd_bwd, write_json  # noqa: E402
 
 
 def megatron_seed(q, k, v, heads):
@@ -91,13 +91,7 @@ def main() -> None:
         ref = best(q.float(), k.float(), v.float(), h).cpu()
     rows = measure_fwd_bwd(variants, q, k, v, grad, ref, args.iters)
     env = environment()
-    print(f"\n{args.case}, fwd+bwd, B={args.batch} S={args.seq} H={h} bf16 causal")
-    print(f"{env.get('device')} torch {env['torch']} cuDNN {env.get('cudnn')} flash-attn-4 {env['flash_attn_4']}")
-    ref_ms = rows[-1]["median_ms"]
-    print(f"{'variant':32} {'median ms':>9} {'min':>7} {'peak MiB':>9} {'step MiB':>9} {'vs reference':>12} {'rel err':>8} kernel")
-    for r in rows:
-        print(f"{r['variant']:32} {r['median_ms']:9.3f} {r['min_ms']:7.3f} {r['peak_mib']:9.0f} {r['step_mib']:9.0f} "
-              f"{r['median_ms'] / ref_ms:11.3f}x {r['rel_err']:8.1e} {r['kernel']}")
+    print_fwd_bwd(f"{args.case}, fwd+bwd, B={args.batch} S={args.seq} H={h} bf16 causal", rows, env, best_name)
     write_json(f"sdpa_{args.case}", {"env": env, "shape": vars(args), "rows": rows})
 
 

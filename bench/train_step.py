@@ -7,6 +7,7 @@ plus the time attnopt's passes take against Inductor's compile time.
     python bench/train_step.py                   # transformers Llama: 16 layers, hidden 2048, 32/8 heads
     python bench/train_step.py --model mla       # transformers DeepSeek-V3 attention (MLA), dense MLPs
     python bench/train_step.py --model megatron  # a Megatron-style GPT on [S, B, hidden] activations
+    python bench/train_step.py --documents 4     # Llama on packed rows: 4 documents, position ids restart
     python bench/train_step.py --small --cpu     # 2 layers of hidden 256 on CPU, to try the script anywhere
 
 All at S=4096, B=1, bf16, fused AdamW on the GPU.
@@ -150,6 +151,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--variants", default="eager,inductor,attnopt")
     p.add_argument("--small", action="store_true", help="2 layers, hidden 256, S=512 (any --model)")
+    p.add_argument("--documents", type=int, default=1,
+                   help="documents packed per row (transformers models: position ids restart at each)")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args()
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
@@ -170,11 +173,16 @@ def main() -> None:
         else:
             fwd = model
         ids = torch.randint(0, vocab, (1, seq), device=device)
+        packed = {}
+        if args.documents > 1:
+            if isinstance(model, MegatronGPT) or seq % args.documents:
+                sys.exit("--documents needs a transformers model and a sequence it divides")
+            packed["position_ids"] = torch.arange(seq // args.documents, device=device).repeat(1, args.documents)
 
         def forward_loss():
             if isinstance(model, MegatronGPT):
                 return fwd(ids)
-            return fwd(input_ids=ids, labels=ids, use_cache=False).loss
+            return fwd(input_ids=ids, labels=ids, use_cache=False, **packed).loss
 
         def step():
             loss = forward_loss()
@@ -208,7 +216,8 @@ def main() -> None:
             model = opt = fwd = None
             torch.cuda.empty_cache()
     env = environment()
-    print(f"\ntrain step: {desc}; S={seq}, B=1, {dtype}, AdamW; {env.get('device', 'cpu')} torch {env['torch']}")
+    docs = f", {args.documents} documents per row" if args.documents > 1 else ""
+    print(f"\ntrain step: {desc}; S={seq}, B=1{docs}, {dtype}, AdamW; {env.get('device', 'cpu')} torch {env['torch']}")
     print(f"{'variant':10} {'step ms':>9} {'tokens/s':>10} {'peak GiB':>9} {'saved MiB':>10} {'1st step s':>10} "
           f"{'loss0':>7}  notes")
     for r in rows:
@@ -218,8 +227,9 @@ def main() -> None:
                      f"({100 * r['passes_s'] / r['inductor_s']:.1f}%), {r['lowered']}/{r['sites']} sites lowered")
         print(f"{r['variant']:10} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} "
               f"{r['saved_mib']:10.1f} {r['first_step_s']:10.1f} {r['loss0']:7.3f}  {notes}")
-    write_json("train_step" if args.model == "llama" else f"train_step_{args.model}",
-               {"env": env, "model": desc, "rows": rows})
+    name = "train_step" + ("" if args.model == "llama" else f"_{args.model}") + \
+        (f"_{args.documents}docs" if args.documents > 1 else "")
+    write_json(name, {"env": env, "model": desc, "documents": args.documents, "rows": rows})
 
 
 if __name__ == "__main__":

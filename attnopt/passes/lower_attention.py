@@ -164,8 +164,14 @@ def _document_offsets(gm: GraphModule, positions: Node, site: AttentionSite, key
 
     A document starts at each row's first token and wherever the position does not follow the
     previous one by exactly 1. Start offsets sort ahead of the filler value B*S, so the tail is
-    empty sequences: no data-dependent shape anywhere.
+    empty sequences: no data-dependent shape anywhere. Built once per graph and position ids
+    (sites are lowered in graph order, so the first one's offsets precede the rest): every layer
+    then passes the op the same tensor, whose offsets it checks on the host once.
     """
+    tag = ("document_offsets", positions.name)
+    for node in gm.graph.nodes:
+        if node.meta.get("attnopt_made") == tag:
+            return node
     g = gm.graph
     b, s = meta(positions).shape
     steps: list[Node] = []
@@ -186,6 +192,7 @@ def _document_offsets(gm: GraphModule, positions: Node, site: AttentionSite, key
     cu = add(aten._to_copy.default, add(aten.cat.default, [ordered, total]), dtype=torch.int32)
     for node in steps:
         _stamp(node, site, key)
+    cu.meta["attnopt_made"] = tag
     return cu
 
 

@@ -102,11 +102,18 @@ def _documents_as_sequences(site: AttentionSite, structure: MaskStructure, sq: i
     mask was proven to use), with the causal/window band applied inside each sequence."""
     if not same(sq, sk):
         return "documents need self-attention (equal query and key lengths)"
+    why_not = _apply_band_part(site, structure, sq, sk)
+    if why_not is None:
+        site.extra["documents"] = structure.document
+    return why_not
+
+
+def _apply_band_part(site: AttentionSite, structure: MaskStructure, sq: int, sk: int) -> Optional[str]:
+    """Give the site the flags of the mask's causal/window terms, or say why they have none."""
     band = MaskStructure(upper=structure.upper, lower=structure.lower).band(sq, sk)
     if band is None:
         return "band not expressible as a causal/window diagonal"
     _apply_band(site, band)
-    site.extra["documents"] = structure.document
     return None
 
 
@@ -129,12 +136,10 @@ def _key_padding(site: AttentionSite, structure: MaskStructure, sq: int, sk: int
     keep) reaches the op as a [B, 1, 1, Sk] mask, the same mask factored."""
     if any(op.dims.count("b") != 1 for op in (site.query, site.key, site.value)):
         return "key padding needs a batch axis"
-    band = MaskStructure(upper=structure.upper, lower=structure.lower).band(sq, sk)
-    if band is None:
-        return "band not expressible as a causal/window diagonal"
-    _apply_band(site, band)
-    site.extra["key_padding"] = structure.padding
-    return None
+    why_not = _apply_band_part(site, structure, sq, sk)
+    if why_not is None:
+        site.extra["key_padding"] = structure.padding
+    return why_not
 
 
 def _inference_only(site: AttentionSite) -> Optional[str]:

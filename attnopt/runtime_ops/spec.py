@@ -7,11 +7,13 @@ tensors and a bad call fails with a ValueError before any kernel is launched.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 LAYOUTS = ("bhsd", "bshd", "sbhd", "thd")
 CAUSAL_ALIGNS = ("top_left", "bottom_right")
@@ -227,12 +229,30 @@ def build_spec(
     )
 
 
+# offsets already checked: cu_q -> (cu_k, the arguments and versions they were checked with, result)
+_checked: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int,
                      max_k: int) -> tuple[int, int, int, bool]:
     """Check packed offsets against the packed tensors; return (sequences, longest q, longest k,
     whether q and k offsets agree), the sequences counted up to the last one that holds a token
-    (offsets computed in a graph have a fixed worst-case size and end in empty sequences). One
-    read of a few numbers on the host."""
+    (offsets computed in a graph have a fixed worst-case size and end in empty sequences).
+
+    One read of a few numbers on the host, which waits for the GPU: done once per offsets tensor
+    (the layers of a model share one, and backward sees the forward's), and again only when the
+    tensor is written to in place."""
+    key = (cu_q._version, cu_k._version, total_q, total_k, max_q, max_k)
+    hit = _checked.get(cu_q)
+    if hit is not None and hit[0]() is cu_k and hit[1] == key:
+        return hit[2]
+    result = _read_cu_seqlens(cu_q, cu_k, total_q, total_k, max_q, max_k)
+    _checked[cu_q] = (weakref.ref(cu_k), key, result)
+    return result
+
+
+def _read_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int,
+                     max_k: int) -> tuple[int, int, int, bool]:
     def summary(cu: Tensor) -> Tensor:
         lengths = cu[1:] - cu[:-1]
         return torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]), lengths

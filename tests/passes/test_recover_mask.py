@@ -180,6 +180,28 @@ def test_transformers_llama_exported(case):
     assert _op_masks(new_ep.graph_module) == [(2, 1, 1, 16) if case == "padded" else None]
 
 
+def test_packed_layers_share_one_offsets_tensor(monkeypatch):
+    """Every layer reads the same document offsets: built once in the graph, checked on the host
+    once per step (forward and backward)."""
+    from attnopt.runtime_ops import spec
+
+    reads = []
+    read = spec._read_cu_seqlens
+    monkeypatch.setattr(spec, "_read_cu_seqlens", lambda *a: reads.append(a) or read(*a))
+    model = _transformers_llama()
+    ids, extra = torch.randint(0, 128, (2, 16)), CASES["packed"][0]
+    capture = Capture()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=capture.backend)
+    compiled(ids, **extra).sum().backward()  # compiles (the report's kernel check reads example offsets)
+    calls = [n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default]
+    assert len(calls) == 2
+    assert len({n.kwargs["cu_seqlens_q"] for n in calls} | {n.kwargs["cu_seqlens_k"] for n in calls}) == 1
+    reads.clear()
+    compiled(ids, **extra).sum().backward()
+    assert len(reads) == 1
+
+
 def test_analyse_mask_rejects_float_masks():
     g = torch.fx.Graph()
     x = g.placeholder("x")

@@ -185,6 +185,31 @@ def test_offsets_ending_in_empty_sequences_run_only_the_filled_ones():
     assert torch.allclose(grad, torch.autograd.grad(want.sum(), q)[0])
 
 
+def test_offsets_are_read_on_the_host_once_per_tensor(monkeypatch):
+    """Reading offsets waits for the device: layers sharing one offsets tensor, and their
+    backwards, read it once; a write in place or another tensor reads again."""
+    from attnopt.runtime_ops import spec
+
+    reads = []
+    read = spec._read_cu_seqlens
+    monkeypatch.setattr(spec, "_read_cu_seqlens", lambda *a: reads.append(a) or read(*a))
+    q = torch.randn(10, 2, 8, requires_grad=True)
+    cu = torch.tensor([0, 4, 10, 10], dtype=torch.int32)
+    layer = lambda x, cu: R.attention(x, x, x, layout="thd", cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=10,
+                                      max_seqlen_k=10, is_causal=True)
+    out = q
+    for _ in range(3):
+        out = layer(out, cu)
+    torch.autograd.grad(out.sum(), q)
+    assert len(reads) == 1
+    cu[2:] = torch.tensor([7, 10], dtype=torch.int32)  # a write in place: the cached check is stale
+    with R.trace_kernels() as calls:
+        layer(q, cu)
+    assert len(reads) == 2 and calls[0].shape[0] == 3  # three sequences now
+    layer(q, cu.clone())
+    assert len(reads) == 3
+
+
 def test_mask_requiring_grad_is_refused():
     q, k, v, kw = make_inputs(Variant("m"), torch.float32, "cpu")
     bias = torch.zeros(16, 16, requires_grad=True)
