@@ -135,10 +135,25 @@ def expected_kernel(node: Node) -> Optional[str]:
     unknown = [k for k, v in call.items() if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))]
     if unknown:
         return f"chosen at run time ({', '.join(unknown)} known only then)"
+    if call.get("cu_seqlens_q") is not None:
+        _stand_in_offsets(node, call)
     try:
         return kernel_for(call.pop("query"), call.pop("key"), call.pop("value"), kernel=kernel, **call)
     except ValueError as e:
         return f"none ({e})"
+
+
+def _stand_in_offsets(node: Node, call: dict) -> None:
+    """Packed offsets are known only at run time: stand in valid ones, near-equal sequences no
+    longer than ``max_seqlen`` (the policy reads their count, lengths and whether q and k share
+    them), the same tensor for q and k when the graph passes one."""
+    totals = (call["query"].shape[0], call["key"].shape[0])
+    longest = (call.get("max_seqlen_q") or totals[0], call.get("max_seqlen_k") or totals[1])
+    pieces = max(1, *(-(-t // max(m, 1)) for t, m in zip(totals, longest)))
+    device = call["cu_seqlens_q"].device
+    cu_q, cu_k = ((torch.arange(pieces + 1, device=device) * t // pieces).to(torch.int32) for t in totals)
+    same = node.kwargs.get("cu_seqlens_q") is node.kwargs.get("cu_seqlens_k")
+    call["cu_seqlens_q"], call["cu_seqlens_k"] = cu_q, cu_q if same else cu_k
 
 
 def annotate(before: GraphModule, after: GraphModule, result: "PassResult") -> None:

@@ -128,7 +128,7 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
     result = PassResult()
     try:
         work = _copy(gm)
-        masks = []
+        masks, proofs = [], {}
         order = {n: i for i, n in enumerate(work.graph.nodes)}
         found = find_sdpa_sites(work.graph) + find_hand_written_sites(work.graph)
         for site in sorted(found, key=lambda s: order[s.node]):
@@ -137,7 +137,7 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
             written_mask = site.attn_mask
             if site.skip_reason is None and site.attn_mask is not None:
                 masks.append(site.attn_mask)
-                mask_note = recover_mask(site)
+                mask_note = recover_mask(site, proofs)
             else:
                 mask_note = None
             rep = _describe(site)

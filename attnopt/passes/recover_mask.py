@@ -20,15 +20,22 @@ from ..patterns.normalize import meta, op_name, same
 from ..patterns.site import AttentionSite
 
 
-def recover_mask(site: AttentionSite) -> Optional[str]:
-    """Rewrite ``site``'s mask fields when its mask is a band; return what was found (or None)."""
+def recover_mask(site: AttentionSite, proofs: Optional[dict] = None) -> Optional[str]:
+    """Rewrite ``site``'s mask fields when its mask is a band; return what was found (or None).
+
+    ``proofs`` memoises the mask analysis over one graph: models build one mask and hand it to
+    every layer, and the symbolic proof is the costly part of the passes."""
     mask = site.attn_mask
     if mask is None:
         return None
     keep, note = _keep_mask(site)
     if keep is None:
         return note
-    structure = analyse_mask(keep, negate=bool(site.extra.get("mask_negated")))
+    key = (keep, bool(site.extra.get("mask_negated")))
+    proofs = {} if proofs is None else proofs
+    if key not in proofs:
+        proofs[key] = analyse_mask(keep, negate=key[1])
+    structure = proofs[key]
     if isinstance(structure, str):
         return structure
     q, k = site.query, site.key

@@ -73,6 +73,7 @@ def _check_reports(name: str, batch: str, sites) -> None:
     expected = EXPECTED[(name, batch)]
     assert sites and all(s.status == "lowered" for s in sites), [(s.name, s.reason) for s in sites]
     for s in sites:
+        assert s.kernel in ("cpu_flash", "math"), s.kernel  # the report names the kernel each site will run
         assert any(s.mask is None if e is None else (s.mask is not None and e in s.mask) for e in expected), s.mask
         if s.mask is None or "removed" in s.mask:  # no dense mask: none at all, or only the padding vector
             assert s.has_mask == (batch == "padded"), s.mask
