@@ -7,11 +7,13 @@ The model (random init, built from a config in code) prefills a prompt of ``--pr
 a cache of ``--cache`` tokens eagerly, then decodes ``--steps`` tokens one at a time through
 ``torch.compile``: Inductor with ``mode="reduce-overhead"`` (CUDA graphs), and attnopt with the
 same Inductor option (``triton.cudagraphs``); eager for reference. Each variant starts from a
-fresh prefill of the same prompt; the first decoded logits are compared with eager's.
+fresh prefill of the same prompt; the first decoded logits are compared with eager's. Tokens/s
+come from the median step (CUDA events between consecutive steps, greedy token included).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,24 +40,27 @@ def decode_run(model, prompt: torch.Tensor, cache_len: int, steps: int, variant:
     step = VARIANTS[variant](lambda tok, c: model(tok, past_key_values=c, use_cache=True).logits[:, -1])
     tok = logits.argmax(-1, keepdim=True)
     first = None
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     t0 = time.perf_counter()
     with torch.no_grad(), attnopt.runtime_ops.trace_kernels() as calls:
         for i in range(steps + 3):  # three warm-up steps: compile, CUDA-graph warm-up and record
             if i == 3:
                 torch.cuda.synchronize()
-                start = time.perf_counter()
-                compile_s = start - t0
+                warmup_s = time.perf_counter() - t0
+            if i >= 3:
+                marks[i - 3].record()
             torch.compiler.cudagraph_mark_step_begin()
             logits = step(tok, cache)
             if first is None:
                 first = logits.float().clone()
             tok = logits.argmax(-1, keepdim=True)
+        marks[-1].record()
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    step_ms = statistics.median(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
     batch = prompt.shape[0]
     kernels = ",".join(sorted({c.kernel for c in calls})) or "(torch SDPA)"
-    return {"variant": variant, "batch": batch, "tokens_per_s": batch * steps / elapsed,
-            "ms_per_step": 1e3 * elapsed / steps, "warmup_s": compile_s, "kernel": kernels, "first_logits": first}
+    return {"variant": variant, "batch": batch, "tokens_per_s": 1e3 * batch / step_ms, "ms_per_step": step_ms,
+            "warmup_s": warmup_s, "kernel": kernels, "first_logits": first}
 
 
 def main() -> None:
