@@ -43,13 +43,12 @@ def recover_mask(site: AttentionSite, proofs: Optional[dict] = None) -> Optional
     found = structure.describe()
     if meta(mask).dtype != torch.bool and not _rows_keep_a_key(structure):
         return f"{found}: kept as an explicit mask (an additive mask may leave a row without keys)"
-    if structure.document is not None and structure.chunk is None and structure.padding is None \
-            and structure.key_limit is None and not structure.never:
+    if structure.document is not None and _band_and(structure, "document"):
         why_not = _documents_as_sequences(site, structure, sq, sk)
         if why_not is None:
             return f"{found}: mask removed, documents run as packed sequences (thd)"
         return f"{found}: kept as an explicit mask ({why_not})"
-    if structure.chunk is not None and structure.document is None and structure.padding is None:
+    if structure.chunk is not None and _band_and(structure, "chunk"):
         why_not = _chunks_as_batches(site, structure, sq, sk)
         if why_not is None:
             return f"{found}: mask removed, chunks run as batches"

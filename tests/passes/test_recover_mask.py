@@ -330,6 +330,24 @@ def test_portable_target_keeps_masks_sdpa_cannot_express(case):
     assert not any(n.target is torch.ops.attnopt.attention.default for n in capture.after.graph.nodes)
 
 
+def test_chunks_with_another_term_keep_the_mask():
+    """Chunks run as batches carry only a band inside each chunk: a key limit beside the chunks
+    (k <= pos[q]) has no place there, so the mask stays."""
+    def f(q, k, v, pos):
+        i = torch.arange(q.shape[2])
+        mask = (i[:, None] // 4 == i[None, :] // 4) & (i[None, :] <= pos[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    pos = torch.tensor([0, 1, 1, 2, 4, 4, 6, 7])
+    capture = Capture()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, backend=capture.backend)(q, k, v, pos), f(q, k, v, pos))
+    (site,) = capture.result.sites
+    assert site.has_mask and site.mask.endswith("kept as an explicit mask"), site.mask
+
+
 def test_chunks_as_batches_from_bhsd_sources():
     def f(q, k, v):  # rope-style sources already in [B, H, S, D]
         i = torch.arange(q.shape[2])
