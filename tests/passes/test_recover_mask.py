@@ -13,6 +13,11 @@ from tests.conftest import Capture, assert_grads_match
 B, H, S, D = 2, 4, 12, 8
 
 
+def _calls(gm) -> list:
+    """The attnopt.attention calls in ``gm``, in graph order."""
+    return [n for n in gm.graph.nodes if n.target is torch.ops.attnopt.attention.default]
+
+
 def _idx(s, device):
     q = torch.arange(s, device=device)[None, None, :, None]
     k = torch.arange(s, device=device)[None, None, None, :]
@@ -46,7 +51,7 @@ def test_band_masks_are_recognised_and_removed(name):
     (site,) = capture.result.sites
     assert site.status == "lowered" and not site.has_mask, site.mask
     assert site.mask == f"{described}: mask removed"
-    node = next(n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+    node = _calls(capture.after)[0]
     assert node.kwargs.get("is_causal", False) == band[0]
     assert node.kwargs.get("window_size", [-1, -1]) == list(band[2])
 
@@ -64,7 +69,7 @@ def test_bottom_right_causal_from_offset_positions():
     capture = Capture()
     torch._dynamo.reset()
     assert_grads_match(torch.compile(f, backend=capture.backend), (q, kv), [], f)
-    node = next(n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+    node = _calls(capture.after)[0]
     assert node.kwargs["causal_align"] == "bottom_right" and node.kwargs["is_causal"]
 
 
@@ -133,8 +138,7 @@ CASES = {
 
 def _op_masks(gm) -> list:
     """Shapes of the masks the attnopt calls in ``gm`` receive."""
-    return [tuple(meta(n.kwargs["attn_mask"]).shape) if "attn_mask" in n.kwargs else None
-            for n in gm.graph.nodes if n.target is torch.ops.attnopt.attention.default]
+    return [tuple(meta(n.kwargs["attn_mask"]).shape) if "attn_mask" in n.kwargs else None for n in _calls(gm)]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -194,7 +198,7 @@ def test_packed_layers_share_one_offsets_tensor(monkeypatch):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=capture.backend)
     compiled(ids, **extra).sum().backward()  # compiles (the report's kernel check reads example offsets)
-    calls = [n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default]
+    calls = _calls(capture.after)
     assert len(calls) == 2
     assert len({n.kwargs["cu_seqlens_q"] for n in calls} | {n.kwargs["cu_seqlens_k"] for n in calls}) == 1
     reads.clear()
@@ -219,7 +223,7 @@ def test_chunked_mask_runs_chunks_as_batches():
     assert_grads_match(torch.compile(fn, backend=capture.backend), (q, k, v), [], fn)
     (site,) = capture.result.sites
     assert site.mask.endswith("chunks run as batches") and not site.has_mask and site.is_causal
-    node = next(n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+    node = _calls(capture.after)[0]
     assert tuple(node.args[0].meta["example_value"].shape) == (8, 4, 4, 16)  # [B * S/C, C, H, D]
 
 
@@ -237,7 +241,7 @@ def test_static_cache_decode_uses_key_lengths_without_repeating_the_cache():
             torch.testing.assert_close(compiled(q, k_cache, v_cache, pos), fn(q, k_cache, v_cache, pos))
     (site,) = capture.result.sites
     assert site.gqa_group == 2 and not site.has_mask and "seqused_k" in site.mask
-    node = next(n for n in capture.after.graph.nodes if n.target is torch.ops.attnopt.attention.default)
+    node = _calls(capture.after)[0]
     assert "seqused_k" in node.kwargs
 
 
@@ -266,7 +270,7 @@ def test_transformers_static_cache_steps_use_key_lengths():
             torch.testing.assert_close(compiled(tok, cache), step(tok, ref_cache))
     for _, after, result in capture.graphs:
         assert all("seqused_k" in s.mask and s.is_causal and not s.has_mask for s in result.sites)
-        calls = [n for n in after.graph.nodes if n.target is torch.ops.attnopt.attention.default]
+        calls = _calls(after)
         assert len(calls) == 2 and all(n.kwargs["causal_align"] == "bottom_right" for n in calls)
 
 
@@ -327,7 +331,7 @@ def test_portable_target_keeps_masks_sdpa_cannot_express(case):
         torch.testing.assert_close(torch.compile(fn, backend=capture.backend)(*args), fn(*args))
     (site,) = capture.result.sites
     assert site.status == "lowered" and site.has_mask
-    assert not any(n.target is torch.ops.attnopt.attention.default for n in capture.after.graph.nodes)
+    assert not _calls(capture.after)
 
 
 def test_chunks_with_another_term_keep_the_mask():
