@@ -6,28 +6,46 @@ entry point, so it works without ``import attnopt``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.fx import GraphModule
 
-from .dump import observe
+from .export import check_kernel
 from .passes import PassResult, optimize_graph
 from .passes.pipeline import check_target
+from .report.dump import observe
 
 CompilerFn = Callable[[GraphModule, list], Callable]
 
 
 def _inner(inner: Union[str, CompilerFn], options: dict) -> CompilerFn:
+    """The inner compiler ``inner`` names, checked now rather than at the first compile."""
     if callable(inner):
+        if options:
+            raise ValueError(f"attnopt.backend: options {sorted(options)} are only understood by inner='inductor'")
         return inner
+    if not isinstance(inner, str):
+        raise TypeError(f"attnopt.backend: inner must be a backend name or a callable, got {type(inner).__name__}")
     if inner == "inductor":
+        from torch._inductor import config
         from torch._inductor.compile_fx import compile_fx
 
+        unknown = sorted(set(options) - set(config.get_config_copy()))
+        if unknown:
+            raise ValueError(f"attnopt.backend: {unknown} are not Inductor options (torch._inductor.config)")
         return lambda gm, ex: compile_fx(gm, ex, config_patches=options or None)
     if options:
         raise ValueError(f"attnopt.backend: options {sorted(options)} are only understood by inner='inductor'")
-    return torch._dynamo.lookup_backend(inner)
+    if inner == "attnopt":
+        raise ValueError("attnopt.backend: inner='attnopt' would run attnopt's passes twice; name the compiler "
+                         "that should run after them, such as 'inductor' or 'aot_eager'")
+    try:
+        return torch._dynamo.lookup_backend(inner)
+    except torch._dynamo.exc.InvalidBackend:
+        raise ValueError(f"attnopt.backend: inner {inner!r} is not a torch.compile backend (one of "
+                         f"torch._dynamo.list_backends(), or a compiler function)") from None
 
 
 def backend(inner: Union[str, CompilerFn] = "inductor", *, kernel: str = "auto", strict: bool = False,
@@ -42,10 +60,25 @@ def backend(inner: Union[str, CompilerFn] = "inductor", *, kernel: str = "auto",
     instead of a warning and the unmodified graph. ``on_result(before, after, result)`` sees
     every graph.
     ``dump_dir`` (default: the ``ATTNOPT_DUMP_DIR`` environment variable, read at each compile)
-    gets a ``graph_NNN`` folder per graph with its code before and after, the diff, the report
-    and drawings of each attention region.
+    gets a ``graph_NNN`` folder per graph with its code before and after, the diff, the report,
+    drawings of each attention region and an ``index.html`` page of them.
+
+    Every argument is checked here, so a mistake fails where the backend is built, with a
+    ``ValueError``/``TypeError`` naming it, not at the first compile.
     """
+    if not isinstance(kernel, str):
+        raise TypeError(f"attnopt.backend: kernel must be a string, got {type(kernel).__name__}")
+    check_kernel(kernel, "attnopt.backend")
     check_target(target, kernel)
+    if not isinstance(strict, bool):
+        raise TypeError(f"attnopt.backend: strict must be True or False, got {strict!r}")
+    if on_result is not None and not callable(on_result):
+        raise TypeError(f"attnopt.backend: on_result must be callable, got {type(on_result).__name__}")
+    if dump_dir is not None:
+        if not isinstance(dump_dir, (str, os.PathLike)):
+            raise TypeError(f"attnopt.backend: dump_dir must be a path, got {type(dump_dir).__name__}")
+        if Path(dump_dir).exists() and not Path(dump_dir).is_dir():
+            raise ValueError(f"attnopt.backend: dump_dir {str(dump_dir)!r} exists and is not a folder")
     compile_inner = _inner(inner, inner_options)
 
     def attnopt_backend(gm: GraphModule, example_inputs: list) -> Callable:

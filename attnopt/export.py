@@ -2,31 +2,87 @@
 from __future__ import annotations
 
 import copy
+import warnings
+from typing import Union
 
 from torch.export import ExportedProgram
+from torch.export.graph_signature import TensorArgument
+from torch.fx import GraphModule
 
 from .passes import PassResult, optimize_graph
+from .passes.pipeline import _copy, check_target
+from .runtime_ops import KERNEL_NAMES
+
+
+def check_kernel(kernel: str, who: str) -> None:
+    """Reject a kernel name the op does not know, before any work is done."""
+    if kernel not in KERNEL_NAMES:
+        raise ValueError(f"{who}: unknown kernel {kernel!r}; choose from {', '.join(KERNEL_NAMES)}")
+
+
+def _keep_output_names(gm: GraphModule, ep: ExportedProgram, result: PassResult) -> None:
+    """Give each node the graph returns the name ``ep``'s signature has for that output.
+
+    A lowering replaces an attention call that is itself a program output by new nodes with new
+    names; the signature refers to outputs by name, and it is the program's interface, so the
+    nodes take the old names rather than the signature new ones."""
+    (output,) = gm.graph.find_nodes(op="output")
+    renamed = {}
+    for node, spec in zip(output.args[0], ep.graph_signature.output_specs):
+        if not isinstance(spec.arg, TensorArgument) or getattr(node, "name", spec.arg.name) == spec.arg.name:
+            continue
+        holder = next((n for n in gm.graph.nodes if n.name == spec.arg.name), None)
+        if holder is not None:  # a node the output no longer reads still holds the name: move it aside
+            holder._rename(f"{spec.arg.name}_unused")
+        renamed[node.name] = spec.arg.name
+        node.name = spec.arg.name
+        gm.graph._graph_namespace._rename_object(node, spec.arg.name)
+    for site in result.sites:
+        site.new_node = renamed.get(site.new_node, site.new_node)
+    gm.recompile()
+
+
+def _program(ep: ExportedProgram, gm: GraphModule) -> ExportedProgram:
+    """A new program around ``gm`` with ``ep``'s signature, parameters and constants (shared, not
+    copied). The module call graph is copied but its TreeSpecs are shared: they are immutable,
+    and deep-copying them makes torch warn about its own deprecated LeafSpec on every call."""
+    specs = {id(spec): spec for entry in ep.module_call_graph if entry.signature is not None
+             for spec in (entry.signature.in_spec, entry.signature.out_spec)}
+    return ExportedProgram(root=gm, graph=gm.graph, graph_signature=copy.deepcopy(ep.graph_signature),
+                           state_dict=ep.state_dict, range_constraints=copy.deepcopy(ep.range_constraints),
+                           module_call_graph=copy.deepcopy(ep.module_call_graph, specs),
+                           example_inputs=ep.example_inputs, constants=ep.constants, verifiers=ep.verifiers)
 
 
 def optimize(ep: ExportedProgram, *, kernel: str = "auto", strict: bool = False, target: str = "op",
-             return_result: bool = False):
+             return_result: bool = False) -> Union[ExportedProgram, tuple[ExportedProgram, PassResult]]:
     """Return a new ExportedProgram with attention lowered to ``torch.ops.attnopt.attention``
     (``target="op"``) or to plain SDPA on strided views with ``enable_gqa`` (``target="portable"``:
     ATen ops only, so the saved program loads where attnopt is not installed).
 
-    The input program is not modified. Inputs, outputs, parameters and the graph signature are
-    unchanged; only nodes inside the graph are replaced. ``return_result`` also returns the
-    per-site report.
+    The input program is not modified; the new one shares its parameters and constants. Inputs,
+    outputs and the graph signature (names included) are unchanged; only nodes inside the graph
+    are replaced. A rewrite that the program's verifier rejects falls back to the unchanged
+    program with a warning, like any pass failure (``strict=True`` raises instead).
+    ``return_result`` also returns the per-site report.
     """
     if not isinstance(ep, ExportedProgram):
         raise TypeError(f"attnopt.optimize expects a torch.export.ExportedProgram, got {type(ep).__name__}")
-    new_ep = copy.deepcopy(ep)
-    gm, result = optimize_graph(new_ep.graph_module, kernel=kernel, strict=strict, target=target)
-    if gm is not new_ep.graph_module:
-        new_ep.graph_module.graph = gm.graph
-        new_ep.graph_module.recompile()
-        new_ep.validate()
+    check_target(target, kernel)
+    check_kernel(kernel, "attnopt.optimize")
+    gm, result = optimize_graph(ep.graph_module, kernel=kernel, strict=strict, target=target)
+    if result.error is None:
+        try:
+            _keep_output_names(gm, ep, result)
+            return (_program(ep, gm), result) if return_result else _program(ep, gm)
+        except Exception as e:  # noqa: BLE001 - a rejected rewrite falls back like any pass failure
+            if strict:
+                raise
+            warnings.warn(f"attnopt: the rewritten program failed verification, program left unchanged: "
+                          f"{type(e).__name__}: {e}", stacklevel=2)
+            result = PassResult(error=f"{type(e).__name__}: {e}")
+    new_ep = _program(ep, _copy(ep.graph_module))
     return (new_ep, result) if return_result else new_ep
 
 
-__all__ = ["PassResult", "optimize"]
+__all__ = ["PassResult", "check_kernel", "optimize"]

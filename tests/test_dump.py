@@ -1,5 +1,6 @@
-"""Before/after dumps: the files a dump folder holds, the region drawings (with and without
-Graphviz), the logging routes, and golden diffs of what the passes emit for representative sites."""
+"""Before/after dumps: the files a dump folder holds, its index.html page, the region drawings (with
+and without Graphviz), the logging routes, and golden diffs of what the passes emit for
+representative sites."""
 from __future__ import annotations
 
 import json
@@ -9,14 +10,15 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import pytest
 import torch
 from expecttest import assert_expected_inline
 
 import attnopt
-from attnopt import dump
 from attnopt.demo_model import LlamaAttention
+from attnopt.report import dump
 
 
 def _model():
@@ -38,7 +40,7 @@ def _normalized(text: str) -> str:
 
 def _check_folder(folder, site: str) -> None:
     names = {p.name for p in folder.iterdir()}
-    assert {"before.py", "after.py", "diff.patch", "report.txt", "report.json",
+    assert {"before.py", "after.py", "diff.patch", "report.txt", "report.json", "index.html",
             f"{site}.before.dot", f"{site}.after.dot"} <= names
     assert "torch.ops.attnopt.attention.default" in (folder / "after.py").read_text()
     assert "+" in (folder / "diff.patch").read_text()
@@ -51,7 +53,7 @@ def test_backend_dump_dir(tmp_path):
     _compile_with(attnopt.backend("aot_eager", strict=True, dump_dir=tmp_path))
     (folder,) = tmp_path.iterdir()
     assert folder.name == "graph_000"
-    _check_folder(folder, "attn")
+    _check_folder(folder, "attention")
 
 
 def test_dump_dir_from_environment(tmp_path, monkeypatch):
@@ -73,14 +75,75 @@ def test_report_dump_without_graphviz(tmp_path, monkeypatch):
 def test_drawings_render_to_svg(tmp_path):
     model, x = _model()
     (folder,) = attnopt.explain(torch.export.export(model, (x,))).dump(tmp_path)
-    assert (folder / "scaled_dot_product_attention.after.svg").read_text().lstrip().startswith("<?xml")
+    assert (folder / "attention.after.svg").read_text().lstrip().startswith("<?xml")
 
 
-def test_unwritable_dump_dir_warns_and_compiles(tmp_path):
+def test_unwritable_dump_dir_from_environment_warns_and_compiles(tmp_path, monkeypatch):
+    """An explicit dump_dir is checked when the backend is built (tests/test_backend.py); the
+    environment variable is read at each compile, where a dump must not fail the compile."""
     blocker = tmp_path / "file"
     blocker.write_text("")
+    monkeypatch.setenv("ATTNOPT_DUMP_DIR", str(blocker))
     with pytest.warns(UserWarning, match="could not write a graph dump"):
-        _compile_with(attnopt.backend("aot_eager", strict=True, dump_dir=blocker))
+        _compile_with(attnopt.backend("aot_eager", strict=True))
+
+
+class _Links(HTMLParser):
+    """Anchors, element ids, and what each figure holds, of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs, self.ids, self.sources, self.figures, self._figure = [], set(), [], {}, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "a":
+            self.hrefs.append(attrs["href"])
+        if "src" in attrs:
+            self.sources.append(attrs["src"])
+        if tag == "figure":
+            self._figure = attrs["id"]
+            self.figures[self._figure] = []
+        elif self._figure is not None:
+            self.figures[self._figure].append(tag)
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._figure = None
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(LlamaAttention(64, 4, 2) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize("via", ["compile", "export"])
+def test_index_page_links_every_site_and_drawing(tmp_path, via):
+    torch.manual_seed(0)
+    model, x = TwoLayers(), torch.randn(2, 8, 64)
+    report = attnopt.explain(model if via == "compile" else torch.export.export(model, (x,)), *(
+        (x,) if via == "compile" else ()))
+    (folder,) = report.dump(tmp_path)
+    page = _Links()
+    page.feed((folder / "index.html").read_text())
+    sites = [s["id"] for s in json.loads((folder / "report.json").read_text())["sites"]]
+    assert sites == ["layers.0.attention", "layers.1.attention"]
+    for site in sites:
+        for anchor in (site, f"{site}.before", f"{site}.after"):
+            assert f"#{anchor}" in page.hrefs and anchor in page.ids
+        for when in ("before", "after"):
+            assert "svg" in page.figures[f"{site}.{when}"] and "rect" in page.figures[f"{site}.{when}"]
+    assert all(h[1:] in page.ids for h in page.hrefs if h.startswith("#"))
+    assert all((folder / h).is_file() for h in page.hrefs if not h.startswith("#"))
+    assert page.sources == []  # one file: nothing loaded from elsewhere
 
 
 def test_attnopt_logger_shows_report_and_diff(caplog):

@@ -1,9 +1,11 @@
-"""attnopt.explain: rows for lowered sites (on a module, an ExportedProgram and a GraphModule) and
-for every reason a site is left as written."""
+"""attnopt.explain: rows for lowered sites (on a module, an ExportedProgram and a GraphModule), for
+every reason a site is left as written, site names and source lines in the user's terms, the mask
+column, and train/eval reports."""
 from __future__ import annotations
 
 import inspect
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +14,10 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 
 import attnopt
-from attnopt.demo_model import LlamaAttention
+from attnopt.demo_model import LlamaAttention, LlamaBlock
+from attnopt.passes import SiteReport
+from attnopt.report.explain import mask_action, mask_cell
+from attnopt.report.source import user_path
 
 B, S, HQ, HKV, D = 2, 8, 4, 2, 16
 
@@ -25,6 +30,7 @@ def _sdpa_line() -> int:
 def _check_llama_row(report: attnopt.ExplainReport) -> None:
     (row,) = report.rows
     s = row.site
+    assert (row.module, row.name, row.id, s.module, row.module_type) == ("", "attention", "attention", "", None)
     assert (s.status, row.lowered_to, s.kernel) == ("lowered", "attnopt.attention", "cpu_flash")
     assert (s.heads, s.gqa_group, s.head_dims, s.is_causal, s.has_mask) == ((HQ, HKV), 2, (D, D), True, False)
     assert (s.layout, s.kv_layout, s.out_layout) == ("bhsd", "bhsd/bshd", "bshd")
@@ -33,10 +39,11 @@ def _check_llama_row(report: attnopt.ExplainReport) -> None:
     # output's .contiguous(): four [B, H, S, D]-sized fp32 copies per forward call
     assert (s.copies_removed, s.bytes_removed) == (4, 4 * B * HQ * S * D * 4)
     text = str(report)
-    assert "1 attention site in 1 graph: 1 lowered, 0 left as written" in text
+    assert re.search(r"1 attention site in 1 graph( \(training\))?: 1 lowered, 0 left as written", text)
     assert "4/2 (GQA 2)" in text and "4 (16.0 KiB)" in text and "cpu_flash" in text
     site = json.loads(report.to_json())["sites"][0]
     assert site["bytes_removed"] == 16384 and site["lowered_to"] == "attnopt.attention" and site["line"] == row.line
+    assert (site["site"], site["id"], site["node"], site["mask_action"]) == ("attention", "attention", s.name, "none")
 
 
 def _model_and_input():
@@ -51,11 +58,79 @@ def test_explain_compiled_module():
 
 
 def test_explain_module_inside_a_block_names_its_path():
-    from attnopt.demo_model import LlamaBlock
+    model, x = LlamaBlock(hidden_size=64, num_heads=4, num_kv_heads=2, mlp=64), torch.randn(2, 8, 64)
+    for report in (attnopt.explain(model, x), attnopt.explain(torch.export.export(model, (x,)))):
+        (row,) = report.rows
+        assert (row.module, row.name, row.id, row.module_type) == ("self_attn", "attention", "self_attn.attention",
+                                                                   "LlamaAttention")
+        assert row.line == _sdpa_line() and "self_attn.attention" not in str(report).split("notes:")[0]
 
-    report = attnopt.explain(LlamaBlock(hidden_size=64, num_heads=4, num_kv_heads=2, mlp=64), torch.randn(2, 8, 64))
-    row = report.rows[0]
-    assert (row.module, row.module_type) == ("self_attn", "LlamaAttention") and "self_attn" in str(report)
+
+@pytest.mark.parametrize("written, path", [
+    ("L['self'].model.layers[0].self_attn", "model.layers.0.self_attn"),
+    ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),
+    ("L['self']._modules['model']._modules['layers']._modules['0']", "model.layers.0"),
+    ("getattr(L['self'].layers, '0').attn", "layers.0.attn"),
+    ("L['fn']", ""),
+    ("model.layers.0.self_attn", "model.layers.0.self_attn"),
+    ("", ""),
+])
+def test_module_paths_as_written_in_the_model(written, path):
+    """Dynamo names modules by how it reached them, export by their path: both read as the model's."""
+    assert user_path(written) == path
+
+
+class TwoAttentions(nn.Module):
+    """Two attention calls in one module."""
+
+    def forward(self, q, k, v):
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + F.scaled_dot_product_attention(q, k, v)
+
+
+def test_sites_of_one_module_are_numbered_the_same_under_compile_and_export():
+    q = torch.randn(B, HQ, S, D)
+    for report in (attnopt.explain(TwoAttentions(), q, q, q), attnopt.explain(torch.export.export(TwoAttentions(),
+                                                                                                  (q, q, q)))):
+        assert [(r.id, r.file.endswith("test_explain.py")) for r in report.rows] == [("attention", True),
+                                                                                      ("attention_1", True)]
+        assert report.rows[1].line == report.rows[0].line + 1
+
+
+@pytest.mark.parametrize("fields, action, cell", [
+    ({}, "none", "none"),
+    ({"mask": "k - q <= 0: mask removed", "is_causal": True}, "flags", "removed: is_causal"),
+    ({"mask": "k - q <= 0 and q - k < 4: mask removed", "is_causal": True, "window": (3, 0)}, "flags",
+     "removed: window_size"),
+    ({"mask": "all true: mask removed"}, "removed", "removed"),
+    ({"mask": "x: mask removed, documents run as packed sequences (thd)"}, "thd", "removed: varlen (thd)"),
+    ({"mask": "x: mask removed, chunks run as batches"}, "batches", "removed: chunks as batches"),
+    ({"mask": "x: dense mask removed, key padding passed as a [B, 1, 1, Sk] mask", "has_mask": True}, "key_padding",
+     "key padding [B,1,1,Sk]"),
+    ({"mask": "x: mask removed, keys limited per batch (seqused_k)"}, "key_lengths", "removed: key lengths"),
+    ({"mask": "x: kept as an explicit mask (chunks need a static length)", "has_mask": True}, "kept", "kept"),
+    ({"has_mask": True}, "kept", "kept"),  # a site left as written with its mask
+    ({"mask_action": "thd", "mask": "whatever the note says"}, "thd", "removed: varlen (thd)"),
+    ({"mask_action": "flags", "is_causal": True}, "flags", "removed: is_causal"),
+])
+def test_mask_column_says_what_became_of_the_mask(fields, action, cell):
+    """From the passes' typed ``mask_action`` when they set it, from their note otherwise."""
+    site = SiteReport("n", "sdpa", "lowered", **fields)
+    assert (mask_action(site), mask_cell(site)) == (action, cell)
+
+
+def test_train_and_eval_in_one_report_say_what_differs():
+    torch.manual_seed(0)
+    model, x = LlamaAttention(hidden_size=HQ * D, num_heads=HQ, num_kv_heads=HKV, dropout=0.1), torch.randn(B, S, HQ * D)
+    train = attnopt.explain(model.train(), x)
+    assert "(training)" in str(train).splitlines()[0] and train.rows[0].site.dropout_p != 0.0
+    both = train + attnopt.explain(model.eval(), x)
+    text = str(both)
+    assert "(training and eval)" in text.splitlines()[0]
+    assert [r.mode for r in both.rows] == ["train", "eval"] and "\ntrain  " in text and "\neval   " in text
+    (line,) = [ln for ln in text.splitlines() if "train and eval differ" in ln]
+    assert "at 1 of 1 site in dropout" in line and "dropout runs only in training" in line
+    assert [g["training"] for g in json.loads(both.to_json())["graphs"]] == [True, False]
 
 
 def test_explain_exported_program_and_its_graph_module():

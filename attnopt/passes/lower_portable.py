@@ -5,7 +5,8 @@ and v are read as produced through permute views to [B, H, S, D] (SDPA's only la
 repetition becomes ``enable_gqa=True``, a zero pad of V is dropped (SDPA takes a V head dim
 other than q/k's), and the output is permuted to the layout its consumers read. A consumer that
 ``view``s that output is switched to ``reshape``: the permuted output need not be viewable.
-Softcapped scores have no SDPA spelling: such sites stay as written (``sdpa_refusal``).
+What SDPA has no argument for (softcapping, a NaN for a row that keeps no key) stays as written
+(``sdpa_refusal``); a band SDPA cannot express keeps the mask as written.
 """
 from __future__ import annotations
 
@@ -14,32 +15,41 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..patterns.normalize import same, shape
+from ..fx import Builder, erase_if_dead
+from ..masks import MaskPlan
+from ..masks import lower as masks
+from ..fx.normalize import same, shape
 from ..patterns.site import AttentionSite
-from .lower_attention import Lowered, _erase_if_dead, _in_layout, _meta_key, _stamp, keep_mask
+from .lower_attention import Lowered, in_layout
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
 def sdpa_causal(site: AttentionSite) -> Optional[bool]:
-    """SDPA's ``is_causal`` for the site's causal/window band; None when SDPA cannot express it
-    (a bounded window, or bottom-right causal with query and key lengths that may differ)."""
-    left, right = site.window
-    right = 0 if site.is_causal else right
-    if (left, right) == (-1, -1):
+    """SDPA's ``is_causal`` for the plan's band alone; None when SDPA cannot express it (a
+    bounded window, bottom-right causal with lengths that may differ, or any plan that needs
+    tensors SDPA does not take)."""
+    plan = site.plan
+    if plan.action not in ("none", "flags", "kept"):
+        return None
+    flags = plan.flags
+    if flags.window == (-1, -1) and not flags.is_causal:
         return False
-    if (left, right) != (-1, 0):
+    if not flags.is_causal or flags.window[0] != -1:
         return None
     q, k = site.query, site.key
     sq, sk = shape(q.source)[q.dims.index("s")], shape(k.source)[k.dims.index("s")]
-    return True if site.causal_align == "top_left" or same(sq, sk) else None
+    return True if flags.causal_align == "top_left" or same(sq, sk) else None
 
 
 def sdpa_refusal(site: AttentionSite) -> Optional[str]:
     """Why plain SDPA cannot compute ``site`` (None when it can)."""
     if site.softcap:
         return f"softcapping (softcap={site.softcap:g}) has no SDPA argument: left as written for target='portable'"
+    if site.empty_rows != "zero" and site.plan is not None and not site.plan.rows_keep_a_key:
+        return ("a query row may keep no key, where the original gives NaN and SDPA zeros: left as written for "
+                "target='portable'")
     return None
 
 
@@ -54,24 +64,18 @@ def _reshape_views(node: Node) -> None:
             user.target = aten.reshape.default
 
 
-def lower_to_sdpa(gm: GraphModule, site: AttentionSite, written_mask: Optional[Node] = None) -> Lowered:
-    """Replace ``site`` by aten.scaled_dot_product_attention on views of its sources.
-
-    ``written_mask`` is the explicit mask the site had before mask recovery: it is kept when the
-    recovered band is one SDPA cannot express.
-    """
+def lower_to_sdpa(gm: GraphModule, site: AttentionSite) -> Lowered:
+    """Replace ``site`` by aten.scaled_dot_product_attention on views of its sources; where the
+    plan needs more than SDPA's flags, the mask as written goes along."""
     refusal = sdpa_refusal(site)
     if refusal is not None:
         raise ValueError(f"{site.name}: {refusal}")
-    key = _meta_key(gm)
-    mask, causal = site.attn_mask, sdpa_causal(site)
-    if site.extra.get("chunk") or site.extra.get("key_limit") or site.extra.get("cache_offset") \
-            or site.extra.get("documents") is not None or site.extra.get("key_padding") is not None:
-        causal = None  # chunks, key lengths, documents and padding with a band: keep the mask
+    plan, causal = site.plan, sdpa_causal(site)
     if causal is None:
-        if written_mask is None:
-            raise ValueError(f"{site.name}: window {site.window} ({site.causal_align}) has no SDPA spelling")
-        mask, causal = written_mask, False
+        if site.attn_mask is None:
+            raise ValueError(f"{site.name}: window {plan.flags.window} ({plan.flags.causal_align}) has no SDPA spelling")
+        plan = MaskPlan("kept", mask=site.attn_mask, negated=site.mask_negated)
+        causal = site.is_causal
     kwargs: dict[str, Any] = {"enable_gqa": True}
     if isinstance(site.dropout_p, Node) or site.dropout_p:
         kwargs["dropout_p"] = site.dropout_p
@@ -80,21 +84,18 @@ def lower_to_sdpa(gm: GraphModule, site: AttentionSite, written_mask: Optional[N
     if site.scale is not None:
         kwargs["scale"] = site.scale
     out_use = site.output
+    build = Builder(gm, site.node)
     with gm.graph.inserting_before(site.node):
-        mask = keep_mask(gm, mask, site, key)
+        mask = masks.keep_mask(build, plan)
         if mask is not None:
             kwargs["attn_mask"] = mask
-        q, k, v = (_in_layout(gm, op, "bhsd", key, site) for op in (site.query, site.key, site.value))
-        call = gm.graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
-        _stamp(call, site, key)
-        out = call
+        q, k, v = (in_layout(build, op, "bhsd") for op in (site.query, site.key, site.value))
+        call = out = build(aten.scaled_dot_product_attention.default, q, k, v, **kwargs)
         if out_use.layout != "bhsd":
-            out = gm.graph.call_function(aten.permute.default, (call, ["bhsd".index(a) for a in out_use.layout]))
-            _stamp(out, site, key)
+            out = build(aten.permute.default, call, ["bhsd".index(a) for a in out_use.layout])
     out_use.node.replace_all_uses_with(out)
     _reshape_views(out)
     chain = set(out_use.skipped)
     site.node.replace_all_uses_with(call, delete_user_cb=lambda u: u not in chain)  # readers of [B, H, S, D]
-    dead = [site.node, *out_use.skipped, *site.query.skipped, *site.key.skipped, *site.value.skipped,
-            *site.extra.get("chain", [])]
-    return Lowered(call, _erase_if_dead(gm, dead))
+    dead = [site.node, *out_use.skipped, *site.query.skipped, *site.key.skipped, *site.value.skipped, *site.chain]
+    return Lowered(call, erase_if_dead(gm, dead), {out_use.node: out, site.node: call})

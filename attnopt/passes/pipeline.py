@@ -6,18 +6,23 @@ rewrites and the same report.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
+import torch
 from torch.fx import Graph, GraphModule
 
-from ..accounting import annotate
+from ..fx import Writes
+from ..masks import MaskRequest, plan_mask
+from ..masks.lower import erase_dead_masks
 from ..patterns import AttentionSite, find_hand_written_sites, find_sdpa_sites
-from ..patterns.normalize import shape
+from ..fx.normalize import meta, shape
+from ..report import source
+from ..report.accounting import annotate
 from .lower_attention import lower_to_op
 from .lower_portable import lower_to_sdpa, sdpa_refusal
-from .recover_mask import erase_dead_masks, recover_mask
 
 log = logging.getLogger("attnopt")
 TARGETS = ("op", "portable")
@@ -31,16 +36,23 @@ def check_target(target: str, kernel: str) -> None:
         raise ValueError(f"attnopt: target='portable' emits plain SDPA, which cannot force kernel={kernel!r}")
 
 
+# "none": no mask; "removed": proven to keep every key; "flags": is_causal/window_size; "thd": packed
+# documents; "batches": chunks as batches; "key_padding": a [B, 1, 1, Sk] mask; "key_lengths":
+# seqused_k; "kept": the mask as written (the note says why)
+MASK_ACTIONS = ("none", "removed", "flags", "thd", "batches", "key_padding", "key_lengths", "kept")
+
+
 @dataclass
 class SiteReport:
     """One attention site: where it is, what was found, what was done or why not."""
 
-    name: str
+    name: str  # the graph node's name (differs between Dynamo and export: reports name sites by module)
     kind: str
     status: str  # "lowered" or "skipped"
     reason: Optional[str] = None
-    module: Optional[str] = None
-    location: Optional[str] = None
+    module: Optional[str] = None  # submodule path as written in the model ("" for the root module)
+    location: Optional[str] = None  # 'File "...", line N, in f': the attention call in the module's file
+    module_type: Optional[str] = None  # class name of that module
     layout: Optional[str] = None  # q layout as produced
     kv_layout: Optional[str] = None
     out_layout: Optional[str] = None
@@ -48,11 +60,13 @@ class SiteReport:
     heads: Optional[tuple] = None  # (Hq, Hkv)
     head_dims: Optional[tuple] = None  # (Dqk, Dv)
     is_causal: bool = False
+    window: tuple = (-1, -1)  # (left, right) around the diagonal; -1 = unbounded
     has_mask: bool = False
     dropout_p: Union[float, str] = 0.0  # str: the graph value holding a symbolic dropout
     removed: list[str] = field(default_factory=list)
     new_node: Optional[str] = None
     mask: Optional[str] = None  # what the explicit mask was proven to be, and what became of it
+    mask_action: Optional[str] = None  # what the site runs instead of its mask: one of MASK_ACTIONS
     copies_removed: int = 0  # removed nodes that materialised memory, per forward call
     bytes_removed: Optional[int] = 0  # what those copies wrote; None when a size is unknown
     kernel: Optional[str] = None  # the kernel the new op picks on its inputs' device and shapes
@@ -76,8 +90,8 @@ class PassResult:
 
 def _describe(site: AttentionSite) -> SiteReport:
     rep = SiteReport(site.name, site.kind, "skipped" if site.skip_reason else "lowered", site.skip_reason,
-                     site.module_path, site.source_location,
-                     has_mask=site.attn_mask is not None or site.extra.get("key_padding") is not None)
+                     source.module_path(site.node), source.location(site.node), source.module_type(site.node),
+                     has_mask=site.attn_mask is not None)
     if site.query is None:
         return rep
     q, k, v = site.query, site.key, site.value
@@ -96,16 +110,59 @@ def _describe(site: AttentionSite) -> SiteReport:
     return rep
 
 
+def _unsupported(site: AttentionSite) -> Optional[str]:
+    """Why the op cannot compute the site as planned (None when it can)."""
+    plan, fill = site.plan, site.mask_fill
+    if fill is not None and fill != -math.inf and (plan.action == "kept" or not plan.rows_keep_a_key):
+        return (f"masked with {fill:g}, not -inf: a row may keep no key, where the fill averages every key and "
+                f"-inf keeps none ({plan.note})")
+    if site.empty_rows != "zero" and not plan.rows_keep_a_key and "empty_rows" not in _OP_ARGUMENTS:
+        return "a query row may keep no key, where the original gives NaN and the op zeros"
+    return None
+
+
+_OP_ARGUMENTS = {a.name for a in torch.ops.attnopt.attention.default._schema.arguments}
+
+
+def _remap(site: AttentionSite, replaced: dict) -> None:
+    """Point the site at the nodes that replaced what it reads (attention reading the output of
+    attention lowered before it)."""
+    for op in (site.query, site.key, site.value):
+        op.source = replaced.get(op.source, op.source)
+    plan = site.plan
+    site.attn_mask = replaced.get(site.attn_mask, site.attn_mask)
+    if plan.mask is not None:
+        plan.mask = replaced.get(plan.mask, plan.mask)
+
+
+def _mask_request(site: AttentionSite) -> MaskRequest:
+    q, k = site.query, site.key
+    operands = (site.query, site.key, site.value)
+    return MaskRequest(site.attn_mask, site.mask_negated, site.mask_fill, site.is_causal, site.node,
+                       shape(q.source)[q.dims.index("s")], shape(k.source)[k.dims.index("s")],
+                       all(op.dims.count("b") == 1 for op in operands),
+                       any(meta(op.source).requires_grad for op in operands))
+
+
 def _copy(gm: GraphModule) -> GraphModule:
     """A GraphModule sharing gm's parameters and submodules but owning a fresh graph.
 
     Dynamo's bookkeeping travels along: AOTAutograd reads ``_param_name_to_source`` and each
     placeholder's ``_dynamo_source`` to tell parameters, buffers and static inputs from the rest
     (without them, CUDA graphs copy every parameter into the graph on each replay).
+
+    Every node keeps its name: ``graph_copy`` renames a node whose name shadows a Python builtin
+    (export names the argument of ``nn.Linear.forward`` ``input``), and an exported program's
+    signature refers to its inputs and outputs by name.
     """
     graph = Graph()
-    out = graph.graph_copy(gm.graph, {})
+    copies: dict = {}
+    out = graph.graph_copy(gm.graph, copies)
     graph.output(out)
+    for old, node in copies.items():
+        if node.name != old.name:
+            node.name = old.name
+            graph._graph_namespace._rename_object(node, old.name)
     new = GraphModule(gm, graph, gm.__class__.__name__)
     new.meta.update(gm.meta)
     if hasattr(gm, "_param_name_to_source"):
@@ -128,30 +185,35 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
     result = PassResult()
     try:
         work = _copy(gm)
-        masks, proofs = [], {}
+        writes = Writes(work.graph, work)
         order = {n: i for i, n in enumerate(work.graph.nodes)}
-        found = find_sdpa_sites(work.graph) + find_hand_written_sites(work.graph)
-        for site in sorted(found, key=lambda s: order[s.node]):
-            if target == "portable" and site.skip_reason is None:
-                site.skip_reason = sdpa_refusal(site)
-            written_mask = site.attn_mask
-            if site.skip_reason is None and site.attn_mask is not None:
-                masks.append(site.attn_mask)
-                mask_note = recover_mask(site, proofs)
-            else:
-                mask_note = None
-            rep = _describe(site)
-            rep.mask = mask_note
+        found = find_sdpa_sites(work.graph, writes) + find_hand_written_sites(work.graph, writes)
+        sites = sorted(found, key=lambda s: order[s.node])
+        proofs: dict = {}
+        for site in sites:  # plan every site on the graph as written, then lower
             if site.skip_reason is None:
-                if target == "op":
-                    done = lower_to_op(work, site, kernel)
-                else:
-                    done = lower_to_sdpa(work, site, written_mask)
-                    if site.attn_mask is None and done.node.kwargs.get("attn_mask") is not None:
-                        rep.has_mask, rep.mask = True, f"{rep.mask}; kept as written: SDPA has no such band"
+                site.plan = plan_mask(_mask_request(site), writes, proofs)
+                site.skip_reason = _unsupported(site)
+            if site.skip_reason is None and target == "portable":
+                site.skip_reason = sdpa_refusal(site)
+        replaced: dict = {}  # nodes an earlier lowering replaced, which a later site may read
+        for site in sites:
+            rep = _describe(site)
+            if site.plan is not None:
+                rep.mask, rep.mask_action = site.plan.note, site.plan.action
+                rep.is_causal, rep.window = site.plan.flags.is_causal, site.plan.flags.window
+                rep.has_mask = site.plan.action in ("kept", "key_padding")
+            if site.skip_reason is None:
+                _remap(site, replaced)
+                done = lower_to_op(work, site, kernel) if target == "op" else lower_to_sdpa(work, site)
+                replaced.update(done.replaced)
+                if target == "portable" and site.plan.action not in ("none", "kept") \
+                        and done.node.kwargs.get("attn_mask") is not None:
+                    rep.has_mask, rep.mask_action = True, "kept"
+                    rep.mask = f"{rep.mask}; kept as written: SDPA has no such band"
                 rep.removed, rep.new_node = done.removed, done.node.name
             result.sites.append(rep)
-        result.masks_removed = erase_dead_masks(work, masks)
+        result.masks_removed = erase_dead_masks(work, [s.attn_mask for s in sites if s.plan and s.attn_mask is not None])
         work.graph.lint()
         work.recompile()
         annotate(gm, work, result)
@@ -167,4 +229,4 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
     return work, result
 
 
-__all__ = ["TARGETS", "PassResult", "SiteReport", "check_target", "optimize_graph"]
+__all__ = ["MASK_ACTIONS", "TARGETS", "PassResult", "SiteReport", "check_target", "optimize_graph"]

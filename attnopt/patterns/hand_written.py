@@ -30,15 +30,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch.fx import Graph, Node
 
+from ..fx import Writes, may_require_grad
 from .layout_chain import _is_identity
-from .mask_structure import MaskStructure, analyse_mask
-from .normalize import Canon, _arg, canonical, meta, op_name, same, shape
+from ..fx.normalize import Canon, _arg, canonical, meta, op_name, same, shape
 from .operands import trace_operands
 from .site import AttentionSite, OutputUse
 
 aten = torch.ops.aten
 _SOFTMAX = {"softmax", "_softmax"}
-_CASTS = {"to", "float", "type_as", "_to_copy", "half", "bfloat16"}
+_CASTS = {"to", "float", "double", "type_as", "_to_copy", "half", "bfloat16"}
 _PRODUCTS = {"matmul", "bmm", "baddbmm"}
 _ALLOCATIONS = {"empty", "zeros", "empty_like", "zeros_like", "new_empty", "new_zeros"}
 _ASSERT = torch.ops.aten._assert_tensor_metadata.default
@@ -67,6 +67,7 @@ class _Chain:
     fill: Optional[float] = None  # masked_fill / where value; None for an additive mask
     dropout_p: float = 0.0
     views: list[tuple] = field(default_factory=list)  # [B, H, Sq, Sk] shapes the scores pass through
+    casts: list[tuple[str, torch.dtype, torch.dtype]] = field(default_factory=list)  # (phase, from, to)
     problems: list[str] = field(default_factory=list)  # found on the walk, reported once it completes
 
 
@@ -96,6 +97,8 @@ def _factor(node: Node) -> tuple[Node, float]:
     """(x, f) for ``x * c`` or ``c * x`` (f = c) and ``x / c`` (f = 1 / c), c a constant."""
     if len(node.args) != 2:
         raise _NoMatch(f"{node.name} is not a binary op")
+    if any(v is not None for v in node.kwargs.values()):
+        raise _NoMatch(f"{node.name} is called with {sorted(node.kwargs)}")
     a, b = node.args
     tensor, c = (a, b) if isinstance(a, Node) else (b, a)
     if not isinstance(tensor, Node) or isinstance(c, Node):
@@ -126,11 +129,24 @@ def _head_view(node: Node, k: Canon) -> Optional[tuple]:
     return shape(node) if _merges(node, k.input, 0) else None
 
 
-def _passthrough(node: Node, c: _Chain) -> Optional[Node]:
-    """The input of a step that keeps the scores' values: a dtype cast, a copy, or a view
-    between [B*H, Sq, Sk] and [B, H, Sq, Sk] (its 4-D shape is recorded for the B, H check)."""
-    if op_name(node) in _CASTS and node.args and isinstance(node.args[0], Node):
-        return node.args[0]
+def _cast(node: Node, phase: str, c: _Chain) -> Optional[Node]:
+    """The input of a dtype conversion, recorded for ``_check_casts``; None for anything else."""
+    if op_name(node) not in _CASTS or not node.args or not isinstance(node.args[0], Node):
+        return None
+    src, dst = meta(node.args[0]), meta(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor) or src.device != dst.device:
+        return None
+    c.casts.append((phase, src.dtype, dst.dtype))
+    return node.args[0]
+
+
+def _passthrough(node: Node, c: _Chain, phase: str) -> Optional[Node]:
+    """The input of a step that keeps the scores' values: a dtype cast (checked once the
+    operands' dtype is known), a copy, or a view between [B*H, Sq, Sk] and [B, H, Sq, Sk] (its
+    4-D shape is recorded for the B, H check)."""
+    cast = _cast(node, phase, c)
+    if cast is not None:
+        return cast
     k = canonical(node)
     if k is None:
         return None
@@ -237,6 +253,9 @@ def _step(node: Node, c: _Chain) -> Node:
     if _is_softcap(node):
         return _softcap(node, c)
     if name in ("mul", "div"):
+        if any(v is not None for v in node.kwargs.values()) and node.args and isinstance(node.args[0], Node):
+            c.problems.append(f"{node.name} ({name} with {', '.join(sorted(node.kwargs))}) is not a scale")
+            return node.args[0]
         return _scale(node, c)
     if name in ("add", "masked_fill", "where"):
         return _mask(node, c)
@@ -246,7 +265,7 @@ def _step(node: Node, c: _Chain) -> Node:
 def _scores(node: Node, c: _Chain) -> Node:
     """Walk the pre-softmax scores back to the q·kᵀ product (returned)."""
     while op_name(node) not in _PRODUCTS:
-        tensor = _passthrough(node, c)
+        tensor = _passthrough(node, c, "scores")
         if tensor is None:
             tensor = _step(node, c)
         c.nodes.append(node)
@@ -264,16 +283,33 @@ def _dropout(node: Node) -> float:
     return float(p) if train else 0.0
 
 
+def _reaches_product(node: Node) -> bool:
+    """``node`` leads, through single readers, to a matmul/bmm that reads it first."""
+    for _ in range(8):
+        users = list(node.users)
+        if len(users) != 1:
+            return False
+        user = users[0]
+        if op_name(user) in ("matmul", "bmm") and user.args and user.args[0] is node:
+            return True
+        node = user
+    return False
+
+
 def _probs(softmax: Node, c: _Chain) -> Node:
-    """Walk forward from the softmax over casts, views and dropout to the product with v."""
+    """Walk forward from the softmax over casts, views and dropout to the product with v; any
+    other op on the way changes the probabilities (reported once the product is found)."""
     last, node = softmax, _single_user(softmax, c.nodes)
     while op_name(node) not in ("matmul", "bmm"):
         if node.args and node.args[0] is not last:
             raise _NoMatch(f"{node.name} does not read the probabilities first")
         if op_name(node) == "dropout":
             c.dropout_p = _dropout(node)
-        elif _passthrough(node, c) is None:
-            raise _NoMatch(f"{node.name} ({op_name(node)}) after the softmax")
+        elif _passthrough(node, c, "probs") is None:
+            if not _reaches_product(node):
+                raise _NoMatch(f"{node.name} ({op_name(node)}) after the softmax")
+            c.problems.append(f"{node.name} ({op_name(node)}) between the softmax and the product with v "
+                              "changes the probabilities")
         c.nodes.append(node)
         last, node = node, _single_user(node, c.nodes)
     if node.args[0] is not last:
@@ -406,26 +442,31 @@ def _check_shapes(q4: Node, k4: Node, v4: Node, out: Node, c: _Chain) -> None:
         raise _Unproven("q, k, v and the output differ in dtype")
 
 
-def _keeps_a_key_per_row(structure: MaskStructure, sq: Any, sk: Any) -> bool:
-    """Every query row keeps at least key k == q (a band around the diagonal, Sq <= Sk)."""
-    diagonal = (structure.upper is None or structure.upper >= 0) and (structure.lower is None or structure.lower <= 0)
-    fits = same(sq, sk) or (isinstance(sq, int) and isinstance(sk, int) and sq <= sk)
-    return structure.band_only and diagonal and fits
+_EXACT_UPCASTS = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
+                  (torch.bfloat16, torch.float64), (torch.float32, torch.float64)}
 
 
-def _check_fill(c: _Chain, sq: Any, sk: Any) -> None:
-    """A finite fill acts as -inf only when every masked weight exp(fill - row max) underflows
-    to exactly 0, which needs scores bounded below (softcapped: > -cap), and no row is fully
-    masked (there the fill averages every key, where -inf keeps none)."""
+def _check_casts(c: _Chain, dtype: torch.dtype) -> None:
+    """Casts keep values only as exact upcasts; after the softmax, rounding the probabilities
+    back to the operands' dtype ``dtype`` is what the fused kernels do as well (the fp32-softmax
+    idiom). Anything else (an integer dtype, a round trip through a narrower float) changes
+    values the op would not."""
+    ordered = sorted(c.casts, key=lambda cast: cast[2].is_floating_point)  # a cast to an integer is the cause
+    for phase, src, dst in ordered:
+        if src == dst or (src, dst) in _EXACT_UPCASTS or (phase == "probs" and dst == dtype and src.is_floating_point):
+            continue
+        raise _Unproven(f"a cast of the {phase} from {src} to {dst} changes their values")
+
+
+def _check_fill(c: _Chain) -> None:
+    """A finite fill acts as -inf only where every masked weight exp(fill - row max) underflows
+    to exactly 0, which needs scores bounded below (softcapped: > -cap); whether every row keeps
+    a key (where a fully masked row would average every key) is the mask plan's to prove."""
     if c.fill is None or c.fill == -math.inf:
         return
     if not c.softcap or c.fill + c.softcap > -_UNDERFLOW:
         raise _Unproven(f"masked with {c.fill:g}, not -inf: a masked key keeps weight exp({c.fill:g} - row max), "
                         "not provably 0 for scores without a softcap bound")
-    structure = analyse_mask(c.mask, negate=c.mask_negated)
-    if isinstance(structure, str) or not _keeps_a_key_per_row(structure, sq, sk):
-        raise _Unproven(f"masked with {c.fill:g}, not -inf: a row may be fully masked, where the fill "
-                        "averages every key and -inf keeps none")
 
 
 def _total_scale(c: _Chain) -> float:
@@ -436,7 +477,7 @@ def _total_scale(c: _Chain) -> float:
     return c.scale * c.inner * c.outer
 
 
-def _site(qk: Node, pv: Node, c: _Chain) -> AttentionSite:
+def _site(qk: Node, pv: Node, c: _Chain, writes: Writes) -> AttentionSite:
     """The canonical site of a complete chain, or _Unproven naming the first step not proven."""
     if c.problems:
         raise _Unproven(c.problems[0])
@@ -450,9 +491,13 @@ def _site(qk: Node, pv: Node, c: _Chain) -> AttentionSite:
         q4, k4 = _operand(q, labels["q"], c, scaffold), _operand(kt, labels["k"], c, scaffold)
         v4 = _operand(pv.args[1], (four if _rank(pv) == 4 else three)["v"], c, scaffold)
         _check_shapes(q4, k4, v4, pv, c)
-        _check_fill(c, shape(q4)[2], shape(k4)[2])
+        _check_casts(c, meta(q4).dtype)
+        _check_fill(c)
+        if c.mask is not None and may_require_grad(c.mask):
+            raise _Unproven("the mask or bias added to the scores requires grad (a learned bias); the op does not "
+                            "differentiate masks")
         end = _output(pv, q4, c, scaffold)
-        q_op, k_op, v_op, out = trace_operands(end, q4, k4, v4)
+        q_op, k_op, v_op, out = trace_operands(end, q4, k4, v4, writes)
         if any(op.source in scaffold.nodes for op in (q_op, k_op, v_op)):
             raise _Unproven("an in-place write keeps a 3-D operand from being read as produced")
         for op in (q_op, k_op, v_op):
@@ -465,15 +510,16 @@ def _site(qk: Node, pv: Node, c: _Chain) -> AttentionSite:
     hk = shape(k_op.source)[k_op.dims.index("h")]
     if hq % hk:
         raise _Unproven("query heads are not a multiple of key heads")
-    site = AttentionSite(end, "hand_written", attn_mask=c.mask, dropout_p=c.dropout_p, scale=_total_scale(c),
-                         softcap=c.softcap)
-    site.extra["chain"] = list(c.nodes)
-    site.extra["mask_negated"] = c.mask_negated
+    # softmax over a row whose every score is -inf is NaN: the op must give NaN there too
+    site = AttentionSite(end, "hand_written", attn_mask=c.mask, mask_negated=c.mask_negated, mask_fill=c.fill,
+                         dropout_p=c.dropout_p, scale=_total_scale(c), softcap=c.softcap,
+                         empty_rows="nan" if c.mask is not None and c.fill in (None, -math.inf) else "zero",
+                         chain=list(c.nodes))
     site.query, site.key, site.value, site.output = q_op, k_op, v_op, out
     return site
 
 
-def _match(softmax: Node) -> AttentionSite:
+def _match(softmax: Node, writes: Writes) -> AttentionSite:
     c = _Chain()
     rank = _rank(softmax)
     if rank not in (3, 4) or _arg(softmax, 1, "dim") not in (-1, rank - 1):
@@ -482,16 +528,18 @@ def _match(softmax: Node) -> AttentionSite:
     scores = softmax.args[0]
     if not isinstance(scores, Node):
         raise _NoMatch("softmax of a constant")
+    if isinstance(meta(scores), torch.Tensor) and isinstance(meta(softmax), torch.Tensor):
+        c.casts.append(("scores", meta(scores).dtype, meta(softmax).dtype))  # softmax(x, dtype=...)
     _single_user(scores, c.nodes)
     qk = _scores(scores, c)
     pv = _probs(softmax, c)
     try:
-        return _site(qk, pv, c)
+        return _site(qk, pv, c, writes)
     except _Unproven as e:
         return AttentionSite(pv, "hand_written", attn_mask=c.mask, skip_reason=str(e))
 
 
-def find_hand_written_sites(graph: Graph) -> list[AttentionSite]:
+def find_hand_written_sites(graph: Graph, writes: Writes) -> list[AttentionSite]:
     """Every softmax(q @ kᵀ) @ v chain in ``graph``: proven ones ready to lower, the others
     with the reason they stay as written."""
     sites = []
@@ -499,7 +547,7 @@ def find_hand_written_sites(graph: Graph) -> list[AttentionSite]:
         if op_name(node) not in _SOFTMAX:
             continue
         try:
-            sites.append(_match(node))
+            sites.append(_match(node, writes))
         except _NoMatch:
             continue
     return sites

@@ -22,7 +22,7 @@ from typing import Optional
 
 from torch.fx import Node
 
-from .normalize import Canon, canonical, meta, same, shape
+from ..fx.normalize import Canon, canonical, meta, same, shape
 from .site import Operand, OutputUse
 
 KERNEL_LAYOUTS = ("bhsd", "bshd", "sbhd")

@@ -4,21 +4,20 @@ The pieces are not independent: K/V repetition is stripped only when K and V sha
 zero pad of V only when the output chain provably slices those columns off again. Every
 recogniser (SDPA calls, hand-written attention) gets the same answer from here.
 
-Reading a source in place instead of its copy is only equal when nothing writes to memory
-in between: Dynamo graphs (and transformers' DeepSeek under export) keep in-place ops, so a
-chain with an in-place op anywhere between its first crossed step and the attention call (or,
-for the output, between the call and the chain's last reader) is not crossed.
+Reading a source in place instead of its copy is only equal when nothing writes that memory:
+Dynamo graphs (and torch.export's training IR) keep in-place ops, so a chain whose memory (or
+any alias of it, ``attnopt.fx.Writes``) is written from its first crossed step on is not
+crossed; nor is an output chain written after the call.
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
-import torch
 from torch.fx import Node
 
+from ..fx import Writes
 from .layout_chain import KERNEL_LAYOUTS, TracedOperand, trace_operand, trace_output
-from .normalize import shape
+from ..fx.normalize import shape
 from .site import OutputUse
 
 
@@ -42,52 +41,20 @@ def _trimmed_output(node: Node, v: TracedOperand) -> Optional[OutputUse]:
     return trace_output(node, trim_to=vs[v.dims.index("d")]) if v.pad and vs is not None else None
 
 
-_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand,
-                      operator.ior, operator.ixor, operator.ilshift, operator.irshift}
-
-
-def _mutates(node: Node) -> bool:
-    """An in-place op (``x.mul_(2)``, ``x += y``, ``x[i] = y``, ``aten.copy_``): it may write any
-    alias of its input."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op != "call_function":
+def _operand_unsafe(op: TracedOperand, writes: Writes) -> bool:
+    """A write to the memory the chain spans, from its first crossed step on: the copy the walk
+    crossed would not have seen it, an in-place read would (and the op keeps its inputs for
+    backward, so later writes count too)."""
+    if not op.skipped:
         return False
-    name = getattr(node.target, "__name__", "")
-    if getattr(operator, name, None) is node.target:  # operator.or_ is not in place; operator.ior is
-        return node.target in _INPLACE_OPERATORS
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    return name.endswith("_") and not name.startswith("_")
+    first = min(op.skipped, key=writes.position)
+    return writes.first_write([op.source, *op.skipped], after=first) is not None
 
 
-def _written_between(first: Node, last: Node) -> bool:
-    """Some node strictly between ``first`` and ``last`` (graph order) writes in place."""
-    cur = first.next
-    while cur is not last and cur.op != "root":
-        if _mutates(cur):
-            return True
-        cur = cur.next
-    return False
-
-
-def _ordered(nodes) -> list[Node]:
-    nodes = list(nodes)
-    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)} if nodes else {}
-    return sorted(nodes, key=order.__getitem__)
-
-
-def _operand_unsafe(op: TracedOperand, node: Node) -> bool:
-    """A write between the first step crossed and the attention call: the copy the walk crossed
-    would not have seen it, the in-place read would."""
-    return bool(op.skipped) and _written_between(_ordered(op.skipped)[0], node)
-
-
-def _output_unsafe(out: OutputUse, node: Node) -> bool:
-    """A write between the attention call and the last reader of the chain's end."""
-    readers = _ordered(out.node.users)
-    return bool(out.skipped) and _written_between(node, readers[-1] if readers else out.node)
+def _output_unsafe(out: OutputUse, node: Node, writes: Writes) -> bool:
+    """A write to the output or its chain after the call: once the op writes the chain's end,
+    the output and that end share memory where a copy kept them apart."""
+    return bool(out.skipped) and writes.first_write([node, *out.skipped], after=node) is not None
 
 
 def _trace(node: Node, query: Node, key: Node, value: Node) \
@@ -104,14 +71,14 @@ def _trace(node: Node, query: Node, key: Node, value: Node) \
     return q, k, v, out
 
 
-def trace_operands(node: Node, query: Node, key: Node, value: Node) \
+def trace_operands(node: Node, query: Node, key: Node, value: Node, writes: Writes) \
         -> tuple[TracedOperand, TracedOperand, TracedOperand, OutputUse]:
     """(q, k, v, output use) of the attention computed by ``node`` from [B, H, S, D] operands."""
     q, k, v, out = _trace(node, query, key, value)
-    if _operand_unsafe(q, node):
+    if _operand_unsafe(q, writes):
         q = _bhsd(query)
-    if _operand_unsafe(k, node) or _operand_unsafe(v, node) or _output_unsafe(out, node):
+    if _operand_unsafe(k, writes) or _operand_unsafe(v, writes) or _output_unsafe(out, node, writes):
         k, v, out = _bhsd(key), _bhsd(value), trace_output(node)
-        if _output_unsafe(out, node):
+        if _output_unsafe(out, node, writes):
             out = OutputUse(node, "bhsd")
     return q, k, v, out

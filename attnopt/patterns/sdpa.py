@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from .normalize import meta, sdpa_args, shape
+from ..fx import Writes, may_require_grad
+from ..fx.normalize import meta, same, sdpa_args, shape
 from .operands import trace_operands
 from .site import AttentionSite
 
@@ -32,18 +33,20 @@ def _check(site: AttentionSite, args: dict) -> str | None:
     if mask is not None:
         if not isinstance(mask, Node) or not isinstance(meta(mask), torch.Tensor):
             return "attn_mask is not a tensor in the graph"
-        if meta(mask).requires_grad:
+        if may_require_grad(mask):
             return "attn_mask requires grad (a learned bias); the fused op does not differentiate masks"
     hq, hk = shape(site.query.source)[site.query.dims.index("h")], shape(site.key.source)[site.key.dims.index("h")]
     hq_sdpa, hk_sdpa = vals[0].shape[1], vals[1].shape[1]
-    if not args["enable_gqa"] and hk_sdpa != hq_sdpa:
+    if not all(same(v.shape[0], vals[0].shape[0]) for v in vals[1:]):
+        return "q, k and v differ in batch size (SDPA broadcasts it; the op does not)"
+    if not args["enable_gqa"] and hk_sdpa != hq_sdpa and hk_sdpa != 1:
         return f"SDPA would reject {hq_sdpa} query heads with {hk_sdpa} key heads"
     if hq % hk != 0:
         return f"{hq} query heads are not a multiple of {hk} key/value heads"
     return None
 
 
-def find_sdpa_sites(graph: Graph) -> list[AttentionSite]:
+def find_sdpa_sites(graph: Graph, writes: Writes) -> list[AttentionSite]:
     """Every SDPA call in ``graph``, with operands traced to their sources where provable."""
     sites = []
     for node in graph.nodes:
@@ -56,7 +59,8 @@ def find_sdpa_sites(graph: Graph) -> list[AttentionSite]:
                                                                                        "scale", "enable_gqa")):
             site.skip_reason = _check(site, args)
             continue
-        site.query, site.key, site.value, output = trace_operands(node, args["query"], args["key"], args["value"])
+        site.query, site.key, site.value, output = trace_operands(node, args["query"], args["key"], args["value"],
+                                                                          writes)
         site.skip_reason = _check(site, args)
         if site.skip_reason:
             continue

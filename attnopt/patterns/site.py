@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from torch.fx import Node
+
+if TYPE_CHECKING:
+    from ..masks.plan import MaskPlan
 
 
 @dataclass
@@ -33,23 +36,30 @@ class OutputUse:
 
 @dataclass
 class AttentionSite:
-    """One attention call found in a graph, and what a lowering needs to rewrite it."""
+    """One attention call found in a graph, as written, and what a lowering needs to rewrite it.
+
+    The mask fields say how the call masks (``attn_mask`` as the code passes it; for a
+    hand-written ``masked_fill(m, fill)`` the mask ``m`` with ``mask_negated`` and ``mask_fill``);
+    ``plan`` is what the site runs instead, filled in by ``attnopt.masks.plan_mask``.
+    """
 
     node: Node  # the SDPA call (or the last node of a hand-written chain)
-    kind: str  # "sdpa"
+    kind: str  # "sdpa" | "hand_written"
     query: Optional[Operand] = None
     key: Optional[Operand] = None
     value: Optional[Operand] = None
     output: Optional[OutputUse] = None
     attn_mask: Optional[Node] = None
+    mask_negated: bool = False
+    mask_fill: Optional[float] = None
     dropout_p: Union[float, Node] = 0.0  # a Node when Dynamo made the number symbolic
     is_causal: bool = False
-    causal_align: str = "top_left"  # where the causal/window diagonal sits when Sq != Sk
-    window: tuple[int, int] = (-1, -1)  # (left, right) around that diagonal; -1 = unbounded
     scale: Union[float, Node, None] = None
     softcap: float = 0.0  # scores capped to softcap * tanh(scores / softcap) before the mask; 0 = none
+    empty_rows: str = "zero"  # what the original gives a query row that keeps no key: "zero" or "nan"
+    chain: list[Node] = field(default_factory=list)  # the nodes of a hand-written chain, erased once dead
+    plan: Optional["MaskPlan"] = None
     skip_reason: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

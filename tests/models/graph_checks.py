@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from attnopt.patterns.normalize import canonical, meta, sdpa_args, shape
+from attnopt.fx.normalize import canonical, meta, sdpa_args, shape
 
 ATTN = torch.ops.attnopt.attention.default
 

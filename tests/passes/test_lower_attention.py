@@ -9,7 +9,7 @@ from expecttest import assert_expected_inline
 
 import attnopt
 from attnopt.demo_model import LlamaAttention, LlamaBlock, repeat_kv
-from tests.conftest import assert_grads_match
+from tests.conftest import Capture, assert_grads_match
 
 ATTN = torch.ops.attnopt.attention.default
 SDPA_NAMES = ("scaled_dot_product_attention",)
@@ -246,3 +246,20 @@ def test_pass_failure_falls_back_with_a_warning(monkeypatch):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="synthetic failure"):
         torch.compile(model, backend=attnopt.backend("aot_eager", strict=True))(x)
+
+
+def test_attention_reading_the_output_of_attention():
+    """A site whose operand is an earlier site's output (or that output's layout chain) reads the
+    node that replaced it."""
+    def f(x):
+        q = x.view(2, 6, 2, 4).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        o2 = F.scaled_dot_product_attention(o, q, q)
+        flat = o2.transpose(1, 2).contiguous().view(2, 6, 8)
+        return F.scaled_dot_product_attention(flat.view(2, 6, 2, 4).transpose(1, 2), q, q)
+
+    x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    capture = Capture()
+    torch._dynamo.reset()
+    assert_grads_match(torch.compile(f, backend=capture.backend), (x,), [], f)
+    assert [s.status for s in capture.result.sites] == ["lowered"] * 3

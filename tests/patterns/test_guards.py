@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnopt.fx import Writes
 from attnopt.patterns import find_sdpa_sites
 from tests.conftest import assert_grads_match
 from tests.models.helpers import check_compiled, check_exported
@@ -105,7 +106,7 @@ def test_non_divisible_head_count_is_left_as_written():
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             node.meta["val"] = torch.empty(shapes[node.name], device="meta")
-    (site,) = find_sdpa_sites(gm.graph)
+    (site,) = find_sdpa_sites(gm.graph, Writes(gm.graph))
     assert site.skip_reason == "6 query heads are not a multiple of 4 key/value heads"
 
 

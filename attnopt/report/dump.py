@@ -1,10 +1,12 @@
-"""Before/after dumps of what attnopt did to a graph: code, a unified diff, the report, and a
-drawing of each attention region, plus the same story through logging.
+"""Before/after dumps of what attnopt did to a graph: code, a unified diff, the report, a
+drawing of each attention region and a page (``index.html``) with all of it, plus the same story
+through logging.
 
 Drawings are Graphviz DOT files written here (rendered to SVG when Graphviz's ``dot`` is on
 PATH) rather than through ``torch.fx.passes.graph_drawer``: that draws whole modules and needs
 pydot, while a region drawing should show a handful of nodes and mark what was removed, what
-was a real copy, and what was added.
+was a real copy, and what was added. ``index.html`` shows the same drawings inline, laid out by
+``attnopt.report.page``, so the page needs no Graphviz.
 
 Logging: ``TORCH_LOGS="+attnopt"`` (or the ``attnopt`` logger at DEBUG) prints each graph's
 report and diff. torch parses ``TORCH_LOGS`` when torch is imported, before any third-party
@@ -29,16 +31,17 @@ from torch._logging import trace_structured
 from torch.fx import GraphModule, Node
 from torch.utils._dtype_abbrs import dtype_abbrs
 
+from ..passes import PassResult, SiteReport
+from ..fx.normalize import meta
 from .accounting import copy_bytes, op_name
-from .explain import ExplainReport, GraphRecord, format_bytes
-from .passes import PassResult, SiteReport
-from .patterns.normalize import meta
+from .explain import HEADER, ExplainReport, GraphRecord, cells, format_bytes
+from .page import SitePage, html_page, region_boxes, svg
 
 log = logging.getLogger("attnopt")
 graph_log = logging.getLogger("attnopt.graphs")
 
-NO_GRAPHVIZ = ("graphviz is not installed (no `dot` on PATH): region drawings were written as .dot files only; "
-               "install graphviz to get .svg")
+NO_GRAPHVIZ = ("graphviz is not installed (no `dot` on PATH): the drawings are on index.html; install graphviz "
+               "to also get each .dot file as .svg")
 _DELETIONS = re.compile(r";\s+(\w+ = )+None$")
 
 
@@ -87,13 +90,14 @@ def regions(before: GraphModule, after: GraphModule, site: SiteReport) -> tuple[
     return _with_neighbours(gb, core_before), core_before, _with_neighbours(ga, core_after), set(core_after)
 
 
-def _label(node: Node) -> str:
+def _label(node: Node) -> list[str]:
+    """A node's drawing label: its name, what it calls, and its dtype and shape when recorded."""
     value = meta(node)
-    shape = ""
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        shape = f"\\n{dtype_abbrs.get(value.dtype, value.dtype)}{list(value.shape)}"
     what = node.op if node.op in ("placeholder", "output", "get_attr") else op_name(node)
-    return f"{node.name}\\n{what}{shape}"
+    lines = [node.name, what]
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        lines.append(f"{dtype_abbrs.get(value.dtype, value.dtype)}{list(value.shape)}")
+    return lines
 
 
 def region_dot(gm: GraphModule, region: set[str], core: set[str], title: str, core_color: str) -> str:
@@ -103,7 +107,7 @@ def region_dot(gm: GraphModule, region: set[str], core: set[str], title: str, co
     for n in gm.graph.nodes:
         if n.name not in region:
             continue
-        label = _label(n)
+        label = "\\n".join(_label(n))
         style = ['style="filled"', f'fillcolor="{core_color}"'] if n.name in core else ['style="dashed"']
         copied = copy_bytes(n) if n.name in core else 0
         if copied:
@@ -118,8 +122,7 @@ def _render(dot_file: Path) -> None:
     """Write ``dot_file`` as SVG beside it, when Graphviz is installed."""
     dot = shutil.which("dot")
     if dot is not None:
-        svg = dot_file.with_suffix(".svg")
-        subprocess.run([dot, "-Tsvg", str(dot_file), "-o", str(svg)], check=True, capture_output=True, timeout=120)
+        subprocess.run([dot, "-Tsvg", str(dot_file), "-o", str(dot_file.with_suffix(".svg"))], check=True, capture_output=True, timeout=120)
 
 
 def graphviz_note() -> Optional[str]:
@@ -127,24 +130,43 @@ def graphviz_note() -> Optional[str]:
     return NO_GRAPHVIZ if shutil.which("dot") is None else None
 
 
+def _region_svg(key: str, title: str, gm: GraphModule, region: set[str], core: set[str], color: str) -> str:
+    labels = {n.name: _label(n) for n in gm.graph.nodes if n.name in region}
+    copied = {n.name: copy_bytes(n) for n in gm.graph.nodes if n.name in core}
+    copies = {name for name, size in copied.items() if size}
+    for name in copies:
+        labels[name].append(f"copy {format_bytes(copied[name])}")
+    return svg(key, title, *region_boxes(gm, region, core, color, labels, copies))
+
+
 def write_dump(directory: Union[str, os.PathLike], report: ExplainReport, record: GraphRecord) -> Path:
-    """Write ``record``'s graph code before and after, their diff, ``report`` (text and JSON) and
-    a before and an after drawing of each attention site to ``directory``."""
+    """Write ``record``'s graph code before and after, their diff, ``report`` (text and JSON), a
+    before and an after drawing of each attention site (``SITE.before.dot``, ``SITE.after.dot``,
+    named by the report's site ids) and ``index.html`` with the table and the drawings to
+    ``directory``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     before, after = record.before, record.after
-    (out / "before.py").write_text(graph_code(before))
-    (out / "after.py").write_text(graph_code(after))
-    (out / "diff.patch").write_text(graph_diff(before, after))
-    (out / "report.txt").write_text(f"{report}\n")
-    (out / "report.json").write_text(report.to_json() + "\n")
-    for site in record.result.sites:
-        region_b, core_b, region_a, core_a = regions(before, after, site)
+    files = {"before.py": graph_code(before), "after.py": graph_code(after), "diff.patch": graph_diff(before, after),
+             "report.txt": f"{report}\n", "report.json": report.to_json() + "\n"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    sites = []
+    for row in report.rows:
+        region_b, core_b, region_a, core_a = regions(before, after, row.site)
+        drawings = {}
         for when, gm, region, core, color in (("before", before, region_b, core_b, "#f4cccc"),
                                               ("after", after, region_a, core_a, "#d9ead3")):
-            dot_file = out / f"{site.name}.{when}.dot"
-            dot_file.write_text(region_dot(gm, region, core, f"{site.name} {when} ({site.status})", color))
+            title = f"{row.id} {when} ({row.site.status})"
+            dot_file = out / f"{row.id}.{when}.dot"
+            dot_file.write_text(region_dot(gm, region, core, title, color))
             _render(dot_file)
+            drawings[when] = _region_svg(f"{row.id}.{when}", title, gm, region, core, color)
+        said = [f"left as written: {row.site.reason}"] if row.site.status == "skipped" else []
+        said += [f"mask: {row.site.mask}"] if row.site.mask else []
+        sites.append(SitePage(row.id, cells(row), said, drawings["before"], drawings["after"]))
+    page = html_page(f"attnopt: {out.name}", report.summary(), HEADER, sites, report.notes(), list(files))
+    (out / "index.html").write_text(page)
     return out
 
 

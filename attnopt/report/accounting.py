@@ -20,8 +20,8 @@ except ImportError:  # torch 2.11
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_leaves
 
-from .patterns.normalize import meta
-from .runtime_ops import kernel_for
+from ..fx.normalize import meta
+from ..runtime_ops import kernel_for
 
 if TYPE_CHECKING:
     from .passes.pipeline import PassResult

@@ -1,4 +1,5 @@
-"""Mask structure recovery: in-graph masks proven to be bands are replaced by is_causal/windows."""
+"""Mask plans: in-graph masks proven to be bands, chunks, documents, padding or key limits are
+replaced by flags, batches, packed sequences, a padding vector or key lengths."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import attnopt
-from attnopt.patterns.mask_structure import analyse_mask
-from attnopt.patterns.normalize import meta, sdpa_args
+from attnopt.masks import Unproven, interpret, structure_of
+from attnopt.fx.normalize import meta, sdpa_args
 from tests.conftest import Capture, assert_grads_match
 
 B, H, S, D = 2, 4, 12, 8
@@ -90,7 +91,7 @@ def test_padding_and_chunks_are_described_and_kept():
     (site,) = capture.result.sites
     assert site.status == "lowered" and site.has_mask
     assert "q // 4 == k // 4" in site.mask and "k - q <= 0" in site.mask and "key padding" in site.mask
-    assert site.mask.endswith("kept as an explicit mask")
+    assert "kept as an explicit mask (no lowering combines" in site.mask
 
 
 def test_unknown_mask_is_kept_with_the_reason():
@@ -206,11 +207,12 @@ def test_packed_layers_share_one_offsets_tensor(monkeypatch):
     assert len(reads) == 1
 
 
-def test_analyse_mask_rejects_float_masks():
+def test_structure_of_rejects_float_masks():
     g = torch.fx.Graph()
     x = g.placeholder("x")
     x.meta["val"] = torch.zeros(2, 2)
-    assert analyse_mask(x) == "the mask is not a boolean tensor"
+    with pytest.raises(Unproven, match="the mask is not a boolean tensor"):
+        structure_of(interpret(x))
 
 
 def test_chunked_mask_runs_chunks_as_batches():
@@ -349,7 +351,7 @@ def test_chunks_with_another_term_keep_the_mask():
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(f, backend=capture.backend)(q, k, v, pos), f(q, k, v, pos))
     (site,) = capture.result.sites
-    assert site.has_mask and site.mask.endswith("kept as an explicit mask"), site.mask
+    assert site.has_mask and "kept as an explicit mask (no lowering combines chunk and key_limit)" in site.mask
 
 
 def test_chunks_as_batches_from_bhsd_sources():
@@ -428,4 +430,44 @@ def test_additive_key_limit_mask_is_kept():
         torch.testing.assert_close(torch.compile(f, backend=capture.backend)(q, k, v, torch.tensor([5])),
                                    f(q, k, v, torch.tensor([5])))
     (site,) = capture.result.sites
-    assert site.has_mask and "may leave a row without keys" in site.mask
+    assert site.has_mask and "a row masked entirely averages every key" in site.mask
+
+
+@pytest.mark.parametrize("build,flags", [
+    (lambda q, k: k >= q - 2, (True, [2, 0])),  # a window's left side, the causal flag its right
+    (lambda q, k: k <= q + 3, (True, None)),  # looser than causal: causal alone
+])
+def test_a_mask_and_is_causal_intersect(build, flags):
+    """SDPA given both ``attn_mask`` and ``is_causal=True`` attends where both allow."""
+    def f(x):
+        qi, ki = _idx(S, x.device)
+        q = x.view(B, S, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=build(qi, ki), is_causal=True).transpose(1, 2)
+
+    x = torch.randn(B, S, H * D, dtype=torch.float64, requires_grad=True)
+    capture = Capture()
+    torch._dynamo.reset()
+    assert_grads_match(torch.compile(f, backend=capture.backend), (x,), [], f)
+    (site,) = capture.result.sites
+    assert site.mask_action == "flags" and "causal (is_causal)" in site.mask
+    node = _calls(capture.after)[0]
+    assert node.kwargs.get("is_causal") is flags[0] and node.kwargs.get("window_size") == flags[1]
+
+
+@pytest.mark.parametrize("build", [
+    lambda q, k: k < q,  # the diagonal excluded: row 0 keeps no key
+    lambda q, k: k > q,
+    lambda q, k: (k >= q - 3) & (k < q),
+], ids=["lt", "gt", "strict_window"])
+def test_strict_bands_keep_their_mask(build):
+    def f(x):
+        qi, ki = _idx(S, x.device)
+        q = x.view(B, S, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=build(qi, ki)).transpose(1, 2)
+
+    x = torch.randn(B, S, H * D, dtype=torch.float64, requires_grad=True)
+    capture = Capture()
+    torch._dynamo.reset()
+    assert_grads_match(torch.compile(f, backend=capture.backend), (x,), [], f)
+    (site,) = capture.result.sites
+    assert site.mask_action == "kept" and site.has_mask
