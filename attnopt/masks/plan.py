@@ -86,7 +86,7 @@ class MaskRequest:
     mask: Optional[Node]
     negated: bool  # masked_fill(m, fill): True in ``m`` drops the key
     fill: Optional[float]  # the fill of masked_fill/where; None: additive, or an SDPA bool mask
-    is_causal: bool
+    flags: BandFlags  # the band the call itself states (SDPA: is_causal; flash-attn: causal, window)
     node: Node  # the attention call that reads the mask
     sq: Any
     sk: Any
@@ -161,9 +161,8 @@ def rows_keep_a_key(s: MaskStructure, sq: Any, sk: Any) -> bool:
     return diagonal and same(sq, sk)  # k == q is in q's chunk and document
 
 
-def _kept(req: MaskRequest, note: str, flags: Optional[BandFlags] = None) -> MaskPlan:
-    return MaskPlan("kept", flags or causal_flags(req.is_causal), mask=req.mask, negated=req.negated,
-                    rows_keep_a_key=False, note=note)
+def _kept(req: MaskRequest, note: str) -> MaskPlan:
+    return MaskPlan("kept", req.flags, mask=req.mask, negated=req.negated, rows_keep_a_key=False, note=note)
 
 
 def causal_flags(is_causal: bool) -> BandFlags:
@@ -174,7 +173,9 @@ def plan_mask(req: MaskRequest, writes: Writes, proofs: Optional[Proofs] = None)
     """The plan for a site's mask (``proofs`` memoises the analysis over one graph: models build
     one mask and hand it to every layer, and the symbolic proof is the costly part)."""
     if req.mask is None:
-        return MaskPlan("none", causal_flags(req.is_causal))
+        return MaskPlan("none", req.flags)
+    if req.flags not in (BandFlags(), BandFlags(is_causal=True)):
+        return _kept(req, "a mask beside a window or bottom-right causality: kept as an explicit mask")
     keep, negated, fill, why_not = _keep_mask(req)
     if keep is None:
         return _kept(req, f"{why_not}: kept as an explicit mask")
@@ -182,9 +183,9 @@ def plan_mask(req: MaskRequest, writes: Writes, proofs: Optional[Proofs] = None)
     if isinstance(analysed, str):
         return _kept(req, analysed)
     interp, structure = analysed
-    if req.is_causal:
+    if req.flags.is_causal:
         structure = structure.with_band(Band(upper=0))
-    found = structure.describe() + (" & causal (is_causal)" if req.is_causal else "")
+    found = structure.describe() + (" & causal (is_causal)" if req.flags.is_causal else "")
     plan = _choose(req, structure, keep)
     reads = [n for n in (plan.documents, plan.padding, plan.key_limit and plan.key_limit.positions) if n is not None]
     written = _written(interp, req, keep, reads, writes)

@@ -63,6 +63,9 @@ def _mask_kwargs(build: Builder, site: AttentionSite) -> dict[str, Any]:
     mask = masks.keep_mask(build, plan)
     if mask is not None:
         kwargs["attn_mask"] = mask
+    if site.cu_seqlens_q is not None:  # a packed call: its own offsets
+        kwargs.update(cu_seqlens_q=site.cu_seqlens_q, cu_seqlens_k=site.cu_seqlens_k,
+                      max_seqlen_q=site.max_seqlen_q, max_seqlen_k=site.max_seqlen_k)
     if plan.action == "key_padding":
         kwargs["attn_mask"] = masks.key_padding_mask(build, plan.padding, _size(site.key, "s"))
     elif plan.action == "key_lengths":

@@ -15,7 +15,7 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from ..fx import Writes
-from ..masks import MaskRequest, plan_mask
+from ..masks import BandFlags, MaskRequest, plan_mask
 from ..masks.lower import erase_dead_masks
 from ..patterns import AttentionSite, find_hand_written_sites, find_sdpa_sites
 from ..fx.normalize import meta, shape
@@ -138,8 +138,12 @@ def _remap(site: AttentionSite, replaced: dict) -> None:
 def _mask_request(site: AttentionSite) -> MaskRequest:
     q, k = site.query, site.key
     operands = (site.query, site.key, site.value)
-    return MaskRequest(site.attn_mask, site.mask_negated, site.mask_fill, site.is_causal, site.node,
-                       shape(q.source)[q.dims.index("s")], shape(k.source)[k.dims.index("s")],
+    if q.dims == "thd":
+        sq, sk = site.max_seqlen_q, site.max_seqlen_k
+    else:
+        sq, sk = shape(q.source)[q.dims.index("s")], shape(k.source)[k.dims.index("s")]
+    flags = BandFlags(site.is_causal, site.causal_align, tuple(site.window))
+    return MaskRequest(site.attn_mask, site.mask_negated, site.mask_fill, flags, site.node, sq, sk,
                        all(op.dims.count("b") == 1 for op in operands),
                        any(meta(op.source).requires_grad for op in operands))
 

@@ -38,7 +38,8 @@ class OutputUse:
 class AttentionSite:
     """One attention call found in a graph, as written, and what a lowering needs to rewrite it.
 
-    The mask fields say how the call masks (``attn_mask`` as the code passes it; for a
+    Operands are labelled b/h/s/d, or t/h/d for packed sequences (``cu_seqlens_*`` then say where
+    each starts). The mask fields say how the call masks (``attn_mask`` as the code passes it; for a
     hand-written ``masked_fill(m, fill)`` the mask ``m`` with ``mask_negated`` and ``mask_fill``);
     ``plan`` is what the site runs instead, filled in by ``attnopt.masks.plan_mask``.
     """
@@ -54,6 +55,12 @@ class AttentionSite:
     mask_fill: Optional[float] = None
     dropout_p: Union[float, Node] = 0.0  # a Node when Dynamo made the number symbolic
     is_causal: bool = False
+    causal_align: str = "top_left"  # where the call puts the diagonal when Sq != Sk (flash-attn: bottom right)
+    window: tuple[int, int] = (-1, -1)  # the call's own (left, right) window around it; -1 = unbounded
+    cu_seqlens_q: Optional[Node] = None  # packed ("thd") calls: the offsets and longest lengths they pass
+    cu_seqlens_k: Optional[Node] = None
+    max_seqlen_q: Union[int, Node, None] = None
+    max_seqlen_k: Union[int, Node, None] = None
     scale: Union[float, Node, None] = None
     softcap: float = 0.0  # scores capped to softcap * tanh(scores / softcap) before the mask; 0 = none
     empty_rows: str = "zero"  # what the original gives a query row that keeps no key: "zero" or "nan"
