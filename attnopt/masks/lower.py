@@ -86,17 +86,20 @@ def cache_lengths(build: Builder, plan: MaskPlan, query: Node, dims: str) -> Nod
     return _per_batch(build, length, query, dims)
 
 
-def document_offsets(build: Builder, positions: Node) -> Node:
-    """int32 cu_seqlens of fixed size B*S + 1 for documents cut from [B, S] position ids.
+def document_offsets(build: Builder, plan: MaskPlan) -> Node:
+    """int32 cu_seqlens of fixed size B*S + 1 for the documents (or chunks of documents) cut from
+    [B, S] position ids.
 
-    A document starts at each row's first token and wherever the position does not follow the
-    previous one by exactly 1 (computed in the positions' own dtype, as the model's ``diff``
-    is). Start offsets sort ahead of the filler value B*S, so the tail is empty sequences: no
-    data-dependent shape anywhere. Built once per graph and position ids (the first site's
-    offsets precede the rest): every layer then passes the op the same tensor, whose offsets
-    the op checks on the host once.
+    A piece starts at each row's first token, wherever the position does not follow the previous
+    one by exactly 1 (computed in the positions' own dtype, as the model's ``diff`` is), and, for
+    chunks, wherever the chunk index changes: ``P // C`` for chunks over positions, ``j // C`` for
+    chunks over the row's indices. Start offsets sort ahead of the filler value B*S, so the tail
+    is empty sequences: no data-dependent shape anywhere. Built once per graph and plan (the first
+    site's offsets precede the rest): every layer then passes the op the same tensor, whose
+    offsets the op checks on the host once.
     """
-    tag = ("document_offsets", positions)
+    positions = plan.documents
+    tag = ("document_offsets", positions, plan.chunk, plan.chunk_positions)
     for node in build.graph.nodes:
         if node.meta.get("attnopt_made") == tag:
             return node
@@ -104,6 +107,14 @@ def document_offsets(build: Builder, positions: Node) -> Node:
     prev = build(aten.slice.Tensor, positions, 1, 0, -1)
     nxt = build(aten.slice.Tensor, positions, 1, 1)
     jump = build(aten.ne.Scalar, build(aten.sub.Tensor, nxt, prev), 1)
+    if plan.chunk is not None:
+        if plan.chunk_positions:
+            bucket = build(aten.floor_divide.default, positions, plan.chunk)
+            moved = build(aten.ne.Tensor, build(aten.slice.Tensor, bucket, 1, 1), build(aten.slice.Tensor, bucket, 1, 0, -1))
+        else:
+            column = build(aten.arange.start, 1, s, device=meta(positions).device)
+            moved = build(aten.eq.Scalar, build(aten.remainder.Scalar, column, plan.chunk), 0)
+        jump = build(aten.logical_or.default, jump, moved)
     first = build(aten.new_ones.default, jump, [b, 1], dtype=torch.bool)
     starts = build(aten.reshape.default, build(aten.cat.default, [first, jump], 1), [-1])
     index = build(aten.arange.default, b * s, device=meta(positions).device)

@@ -5,7 +5,7 @@ was given (the two intersect) and the shapes:
 
 - ``flags``: only a causal/window band: the mask is dropped for ``is_causal``/``window_size``;
 - ``batches``: chunks (causal inside) run as batches of whole chunks;
-- ``thd``: documents run as packed sequences, the band inside each;
+- ``thd``: documents (and the chunks inside them) run as packed sequences, the band inside each;
 - ``key_padding``: the band as flags, key padding as the model's [B, 1, 1, Sk] vector;
 - ``key_lengths``/``cache_lengths``: a decode query's key limit, or the keys after a cache's
   fill, as per-batch key lengths (inference only);
@@ -70,6 +70,7 @@ class MaskPlan:
     mask: Optional[Node] = None  # kept: the explicit mask, True = attend unless ``negated``
     negated: bool = False
     chunk: Optional[int] = None
+    chunk_positions: bool = False  # thd pieces: chunks over the position ids rather than the indices
     documents: Optional[Node] = None
     padding: Optional[Node] = None
     key_limit: Optional[KeyLimit] = None
@@ -211,7 +212,7 @@ def _choose(req: MaskRequest, s: MaskStructure, keep: Node) -> MaskPlan:
         if flags is None:
             return MaskPlan("kept", note="band not expressible as a causal/window diagonal")
         return MaskPlan("flags", flags, rows_keep_a_key=inside, note="mask removed")
-    if terms == {"documents"}:
+    if terms in ({"documents"}, {"documents", "chunk"}):
         positions = meta(s.documents)
         if not same(sq, sk):
             return MaskPlan("kept", note="documents need self-attention (equal query and key lengths)")
@@ -219,9 +220,13 @@ def _choose(req: MaskRequest, s: MaskStructure, keep: Node) -> MaskPlan:
             return MaskPlan("kept", note="documents need [B, S] position ids of the attention's length")
         if flags is None:
             return MaskPlan("kept", note="band not expressible as a causal/window diagonal")
-        return MaskPlan("thd", flags, documents=s.documents, rows_keep_a_key=inside,
-                        note="mask removed, documents run as packed sequences (thd)")
-    if terms == {"chunk"}:
+        if s.chunk is None:
+            return MaskPlan("thd", flags, documents=s.documents, rows_keep_a_key=inside,
+                            note="mask removed, documents run as packed sequences (thd)")
+        return MaskPlan("thd", flags, chunk=s.chunk, chunk_positions=s.chunk_positions is not None,
+                        documents=s.documents, rows_keep_a_key=inside,
+                        note="mask removed, the chunks of each document run as packed sequences (thd)")
+    if terms == {"chunk"} and s.chunk_positions is None:
         c = s.chunk
         if not (isinstance(sq, int) and isinstance(sk, int)) or sq != sk or sq % c:
             return MaskPlan("kept", note=f"chunks need a static self-attention length divisible by {c}")

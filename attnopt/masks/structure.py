@@ -3,7 +3,8 @@
 A proven mask is a conjunction of terms over (batch b, query q, key k), each one of:
 
 - a band: bounds on ``k - q`` (over indices, or over position ids inside one document);
-- chunks: ``q // C == k // C``;
+- chunks: ``q // C == k // C``, or over position ids inside one document: ``P[b, q] // C ==
+  P[b, k] // C`` (Llama 4's chunks in packed batches);
 - documents: ``doc[b, q] == doc[b, k]``, document ids cut from a [B, S] position input where it
   does not step by exactly +1 (what transformers builds for packed batches);
 - key padding: ``pad[b, k] != 0`` for a [B, >= Sk] input;
@@ -89,6 +90,7 @@ class MaskStructure:
     band: Band = Band()
     band_positions: Optional[Node] = None  # the band bounds P[b, k] - P[b, q], not k - q
     chunk: Optional[int] = None
+    chunk_positions: Optional[Node] = None  # the chunks are over P[b, q] // C, not q // C
     documents: Optional[Node] = None  # [B, S] positions whose steps other than +1 start documents
     padding: Optional[Node] = None  # [B, >= Sk] keep-mask over keys (nonzero = keep)
     key_limit: Optional[KeyLimit] = None
@@ -180,6 +182,27 @@ def _chunk(atom: Any, q: sympy.Symbol, k: sympy.Symbol) -> Optional[int]:
     return None
 
 
+def _position_chunk(atom: Any, b: Any, q: sympy.Symbol, k: sympy.Symbol) -> Optional[tuple[Any, int]]:
+    """(P, C) for ``P[b, q] // C == P[b, k] // C`` over one input P."""
+    lhs, rhs = atom.lhs, atom.rhs
+    if b is None or not (isinstance(lhs, sympy.floor) and isinstance(rhs, sympy.floor)):
+        return None
+    sides = []
+    for side in (lhs.args[0], rhs.args[0]):
+        calls = side.atoms(sympy.core.function.AppliedUndef)
+        if len(calls) != 1:
+            return None
+        (call,) = calls
+        ratio = sympy.simplify(side / call)
+        if not (ratio.is_Rational and ratio > 0 and (1 / ratio).is_Integer):
+            return None
+        sides.append((call, int(1 / ratio)))
+    (a, ca), (c, cc) = sides
+    if a.func != c.func or ca != cc or {a.args, c.args} != {(b, q), (b, k)}:
+        return None
+    return a.func, ca
+
+
 def _cache_offset(atom: Any, q: sympy.Symbol, k: sympy.Symbol, scalars: dict) -> Optional[CacheOffset]:
     """``k - q <= L + c`` for a one-element graph input L (a KV cache's fill)."""
     x = sympy.expand(_nonpositive(atom))
@@ -244,9 +267,15 @@ class _Classifier:
                 return s
         if isinstance(atom, sympy.Eq):
             chunk = _chunk(atom, q, k)
-            if chunk is not None and s.chunk in (None, chunk):
+            if chunk is not None and s.chunk is None:
                 s.chunk = chunk
                 s.atoms.append(f"q // {chunk} == k // {chunk}")
+                return s
+            over = _position_chunk(atom, b, q, k)
+            if over is not None and s.chunk is None and over[0] in self.position_funcs:
+                node = self.position_funcs[over[0]]
+                s.chunk, s.chunk_positions = over[1], node
+                s.atoms.append(f"{node.name}[b, q] // {over[1]} == {node.name}[b, k] // {over[1]}")
                 return s
             lhs, rhs = atom.lhs, atom.rhs
             if (isinstance(lhs, sympy.core.function.AppliedUndef) and lhs.func == rhs.func
@@ -280,6 +309,8 @@ def structure_of(interp: Interpretation, negate: bool = False) -> MaskStructure:
     structure = MaskStructure()
     for atom in atoms:
         structure = classify.add(atom, structure)
+    if structure.chunk_positions is not None and structure.chunk_positions is not structure.documents:
+        raise Unproven("chunks over positions outside documents cut from the same positions")
     if structure.band_positions is not None and structure.band_positions is not structure.documents:
         # Documents are cut where positions stop stepping by exactly 1, so inside one document
         # P[b, k] - P[b, q] == k - q and a band over positions is the same band over indices.

@@ -104,7 +104,7 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
             q, k, v = (build(aten.reshape.default, t, _chunk_shape(t, plan.chunk)) for t in (q, k, v))
         if plan.action == "thd":  # [B, S, H, D] -> [B * S, H, D] tokens, cut into documents
             q, k, v = (build(aten.reshape.default, t, [-1, *meta(t).shape[2:]]) for t in (q, k, v))
-            cu = masks.document_offsets(build, plan.documents)
+            cu = masks.document_offsets(build, plan)
             seqlen = _size(site.query, "s")
             kwargs.update(layout="thd", cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seqlen, max_seqlen_k=seqlen)
             kwargs.pop("out_layout", None)

@@ -471,3 +471,35 @@ def test_strict_bands_keep_their_mask(build):
     assert_grads_match(torch.compile(f, backend=capture.backend), (x,), [], f)
     (site,) = capture.result.sites
     assert site.mask_action == "kept" and site.has_mask
+
+
+@pytest.mark.parametrize("over", ["positions", "indices"])
+def test_chunks_inside_documents_run_as_packed_pieces(over):
+    """Packed rows with chunks (Llama 4 in a packed batch chunks its position ids): every chunk of
+    every document is one packed sequence; the same graph serves other document boundaries."""
+    chunk = 3
+
+    def f(x, pos):
+        qi, ki = _idx(S, x.device)
+        starts = torch.diff(pos, prepend=pos[:, :1] - 1) != 1
+        doc = starts.cumsum(-1)
+        same_doc = doc[:, None, :, None] == doc[:, None, None, :]
+        if over == "positions":
+            p = pos[:, None, :, None], pos[:, None, None, :]
+            same_chunk = p[0] // chunk == p[1] // chunk
+        else:
+            same_chunk = qi // chunk == ki // chunk
+        q = x.view(B, S, H, D).transpose(1, 2)
+        mask = same_doc & same_chunk & (ki <= qi)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask).transpose(1, 2)
+
+    x = torch.randn(B, S, H * D, dtype=torch.float64, requires_grad=True)
+    positions = [torch.cat([torch.arange(7), torch.arange(5)]).repeat(B, 1),
+                 torch.tensor([[4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5], list(range(12))])]
+    capture = Capture()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=capture.backend)
+    for pos in positions:
+        assert_grads_match(compiled, (x, pos), [], f)
+    (site,) = capture.result.sites
+    assert site.mask_action == "thd" and "chunks of each document" in site.mask

@@ -38,9 +38,10 @@ EXPECTED = {
     **{(m, "packed"): ("documents run as packed sequences (thd)",) for m in _BAND},
     **{(m, "padded"): ("dense mask removed, key padding passed as a [B, 1, 1, Sk] mask",) for m in (*_BAND, "bert")},
     ("llama4_text", "plain"): ("mask removed, chunks run as batches",),
-    # Llama 4 chunks positions, not indices (a document's chunks start where its positions do), and
-    # shifts its chunks by the number of left-padding tokens (a data-dependent offset): both stay masks
-    ("llama4_text", "packed"): ("mask not recognised: ",),
+    # Llama 4 chunks positions, not indices: in a packed batch each document's chunks start where its
+    # positions do; it shifts its chunks by the number of left-padding tokens (a data-dependent
+    # offset), which stays a mask
+    ("llama4_text", "packed"): ("the chunks of each document run as packed sequences (thd)",),
     ("llama4_text", "padded"): ("mask not recognised: ",),
     ("bert", "plain"): (None, "all true: mask removed"),
 }
