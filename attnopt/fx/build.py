@@ -7,7 +7,7 @@ that later passes, AOTAutograd and the reports can read its shape, dtype and str
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -15,6 +15,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from .normalize import meta
+from .symbols import Symbols
 from .writes import written_args
 
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "seq_nr")
@@ -32,12 +33,19 @@ def meta_key(gm: GraphModule) -> str:
 
 class Builder:
     """Makes ``call_function`` nodes at the graph's current insertion point, stamped with the
-    metadata of ``anchor`` and a fake value."""
+    metadata of ``anchor`` and a fake value. Symbolic sizes among the arguments become graph
+    values (``attnopt.fx.Symbols``)."""
 
     def __init__(self, gm: GraphModule, anchor: Node) -> None:
         self.gm, self.graph, self.anchor, self.key = gm, gm.graph, anchor, meta_key(gm)
+        self._symbols: Optional[Symbols] = None
 
     def __call__(self, target: Callable, *args: Any, **kwargs: Any) -> Node:
+        if self._symbols is None:
+            self._symbols = Symbols(self.graph, self._node)
+        return self._node(target, *self._symbols.value(args), **self._symbols.value(kwargs))
+
+    def _node(self, target: Callable, *args: Any, **kwargs: Any) -> Node:
         node = self.graph.call_function(target, args, kwargs)
         self.stamp(node)
         return node

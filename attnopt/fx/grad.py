@@ -7,13 +7,18 @@ from torch.fx import Node
 from .normalize import meta
 
 
-def may_require_grad(node: Node) -> bool:
-    """The tensor may require grad: its recorded value does (Dynamo), or it is computed from a
-    graph input that does (export records requires_grad on parameters only)."""
+def _floating(node: Node) -> bool:
     value = meta(node)
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def may_require_grad(node: Node) -> bool:
+    """The tensor may require grad: its recorded value does (Dynamo), or it is computed, through
+    floating-point values, from a graph input that does (export records requires_grad on inputs
+    only). Sizes, integers and bools carry no gradient."""
+    if not _floating(node):
         return False
-    if value.requires_grad:
+    if meta(node).requires_grad:
         return True
     seen, stack = set(), [node]
     while stack:
@@ -21,9 +26,9 @@ def may_require_grad(node: Node) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "placeholder" and isinstance(meta(n), torch.Tensor) and meta(n).requires_grad:
+        if n.op == "placeholder" and meta(n).requires_grad:
             return True
-        stack.extend(n.all_input_nodes)
+        stack.extend(a for a in n.all_input_nodes if _floating(a))
     return False
 
 

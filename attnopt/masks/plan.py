@@ -76,6 +76,7 @@ class MaskPlan:
     key_limit: Optional[KeyLimit] = None
     cache: Optional[tuple[CacheOffset, Node]] = None  # and the keep-mask the lengths are counted from
     rows_keep_a_key: bool = True
+    fill: Optional[float] = None  # what masks a key: -inf, a finite fill, or None when not known
     note: Optional[str] = None
 
 
@@ -180,6 +181,14 @@ def plan_mask(req: MaskRequest, writes: Writes, proofs: Optional[Proofs] = None)
     keep, negated, fill, why_not = _keep_mask(req)
     if keep is None:
         return _kept(req, f"{why_not}: kept as an explicit mask")
+    plan = _plan_analysed(req, keep, negated, fill, writes, proofs)
+    plan.fill = fill
+    return plan
+
+
+def _plan_analysed(req: MaskRequest, keep: Node, negated: bool, fill: float, writes: Writes,
+                   proofs: Optional[Proofs]) -> MaskPlan:
+    """The plan for a mask whose keep-mask ``keep`` can be analysed."""
     analysed = _analyse(keep, negated, {} if proofs is None else proofs)
     if isinstance(analysed, str):
         return _kept(req, analysed)

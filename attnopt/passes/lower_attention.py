@@ -118,6 +118,8 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
                 out = build(aten.permute.default, out, ["bshd".index(a) for a in out_use.layout])
         if len(meta(out_use.node).shape) == 3:  # a [B*H, Sq, Dv] product (bmm): merge the contiguous B, H
             out = build(aten.flatten.using_ints, out, 0, 1)
+        if out_use.written:  # the graph writes it in place: not the tensor the op keeps for backward
+            out = build(aten.clone.default, out)
     out_use.node.replace_all_uses_with(out)
     replaced = {out_use.node: out}
     chain = set(out_use.skipped)

@@ -91,6 +91,8 @@ def lower_to_sdpa(gm: GraphModule, site: AttentionSite) -> Lowered:
             kwargs["attn_mask"] = mask
         q, k, v = (in_layout(build, op, "bhsd") for op in (site.query, site.key, site.value))
         call = out = build(aten.scaled_dot_product_attention.default, q, k, v, **kwargs)
+        if out_use.written:  # the graph writes it in place: not the tensor SDPA keeps for backward
+            call = out = build(aten.clone.default, call)
         if out_use.layout != "bhsd":
             out = build(aten.permute.default, call, ["bhsd".index(a) for a in out_use.layout])
     out_use.node.replace_all_uses_with(out)

@@ -116,6 +116,10 @@ def _unsupported(site: AttentionSite) -> Optional[str]:
     if fill is not None and fill != -math.inf and (plan.action == "kept" or not plan.rows_keep_a_key):
         return (f"masked with {fill:g}, not -inf: a row may keep no key, where the fill averages every key and "
                 f"-inf keeps none ({plan.note})")
+    if site.kind == "hand_written" and site.mask_fill is None and site.attn_mask is not None \
+            and not plan.rows_keep_a_key and plan.fill != -math.inf:
+        return ("an additive mask may mask a row entirely with finite values, where the softmax written here "
+                "averages every key and differentiates through them, which the fused kernels do not reproduce")
     if site.empty_rows != "zero" and not plan.rows_keep_a_key and "empty_rows" not in _OP_ARGUMENTS:
         return "a query row may keep no key, where the original gives NaN and the op zeros"
     return None

@@ -81,4 +81,5 @@ def trace_operands(node: Node, query: Node, key: Node, value: Node, writes: Writ
         k, v, out = _bhsd(key), _bhsd(value), trace_output(node)
         if _output_unsafe(out, node, writes):
             out = OutputUse(node, "bhsd")
+    out.written = writes.first_write([node, out.node], after=node) is not None
     return q, k, v, out

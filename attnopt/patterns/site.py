@@ -27,11 +27,14 @@ class Operand:
 
 @dataclass
 class OutputUse:
-    """Where the attention output is consumed: ``node`` equals the output in ``layout``."""
+    """Where the attention output is consumed: ``node`` equals the output in ``layout``.
+    ``written``: the graph writes the output in place after the call (the op keeps its output
+    for backward, so the readers get a copy)."""
 
     node: Node
     layout: str
     skipped: list[Node] = field(default_factory=list)
+    written: bool = False
 
 
 @dataclass
