@@ -10,8 +10,9 @@ their indices). The interpreter follows torch's semantics, not Python's:
   a result that may leave its dtype's range ends the proof. Values derived from int64 graph
   inputs (position ids, cache lengths) have no bound; their arithmetic is taken as exact, which
   is where int64 index arithmetic would have to pass 2**63 to differ;
-- floating-point values are not modelled (a cast to or from a float ends the proof), except
-  that a floating graph input may be compared with a number;
+- floating-point values are modelled only where every element is an integer the dtype holds
+  exactly (``ones``, ``triu(ones)``, ``1 - mask``, a bool cast to float: Megatron's masks), and a
+  floating graph input may be compared with a number; any other float ends the proof;
 - a tensor written in place between where it is built and where it is read makes the proof
   void: ``interpret`` returns the nodes it read and the span each is read over, for the caller to
   check against the graph's writes (``attnopt.fx.Writes``).
@@ -160,6 +161,9 @@ class _Interpreter:
             return Value(sympy.true if x else sympy.false, (), torch.bool)
         if isinstance(x, int):
             return Value(sympy.Integer(x), (), torch.int64, x, x)
+        if isinstance(x, float) and abs(x) < 2**24:  # a Python float beside exact values
+            whole = int(x) if x.is_integer() else None
+            return Value(sympy.Rational(x), (), torch.float64, whole, whole)
         raise Unproven(f"constant {x!r} of type {type(x).__name__}")
 
     def run(self, node: Node) -> Value:
@@ -178,7 +182,12 @@ class _Interpreter:
         return self._checked(out, node)
 
     def _checked(self, out: Value, node: Node) -> Value:
-        """An integer result must fit its dtype (torch would wrap where the proof would not)."""
+        """An integer result must fit its dtype (torch would wrap where the proof would not); a
+        floating result must be integers the dtype holds exactly."""
+        if out.dtype.is_floating_point:
+            if not _exact(out):
+                raise Unproven(f"{node.name} computes {out.dtype} values that may not be exact")
+            return out
         if not out.is_int:
             return out
         lo, hi = _INT_RANGE.get(out.dtype, (None, None))
@@ -235,7 +244,9 @@ class _Interpreter:
             value = 0 if "zeros" in name else 1
         if dtype == torch.bool:
             return Value(sympy.true if value else sympy.false, shape, dtype)
-        if dtype.is_floating_point or not isinstance(value, (int, bool)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, (int, bool)):
             raise Unproven(f"{node.name} fills {dtype} with {value!r}")
         return Value(sympy.Integer(int(value)), shape, dtype, int(value), int(value))
 
@@ -269,20 +280,19 @@ class _Interpreter:
         src = x.dtype
         if dtype == src:  # a copy, a device move or a no-op conversion keeps values
             return Value(x.expr, shape, dtype, x.lo, x.hi)
+        if src.is_floating_point and not _exact(x) and not (dtype == torch.bool and _is_leaf(x)):
+            raise Unproven(f"{node.name} converts a computed {src} to {dtype}")
         if dtype == torch.bool:
-            if src.is_floating_point and not isinstance(x.expr, sympy.core.function.AppliedUndef):
-                raise Unproven(f"{node.name} converts a computed {src} to bool")
             return Value(_as_bool(x, shape), shape, dtype)
-        if dtype.is_floating_point or src.is_floating_point:
-            raise Unproven(f"{node.name} converts {src} to {dtype}")
         lo, hi = _bounds(x)
-        return Value(_as_number(x, shape), shape, dtype, lo, hi)
+        return Value(_as_number(x, shape), shape, dtype, lo, hi)  # checked to fit (or be exact in) dtype
 
     def compare(self, node: Node, shape: tuple, dtype: torch.dtype) -> Value:
         name = op_name(node).strip("_")
         a, b = (self.value(x) for x in node.args[:2])
         for side in (a, b):
-            if side.dtype.is_floating_point and not isinstance(side.expr, sympy.core.function.AppliedUndef):
+            if side.dtype.is_floating_point and not _is_leaf(side) and not _exact(side) \
+                    and not (side.shape == () and side.expr.is_Rational):
                 raise Unproven(f"{node.name} compares a computed {side.dtype} value")
         if (a.dtype.is_floating_point or b.dtype.is_floating_point) and (a.is_int or b.is_int) \
                 and not all(_small(v) for v in (a, b) if v.is_int):
@@ -300,13 +310,16 @@ class _Interpreter:
         if any(k not in ("rounding_mode",) for k in node.kwargs):
             raise Unproven(f"{node.name} has arguments {sorted(node.kwargs)}")
         a, b = (self.value(x) for x in node.args[:2])
+        if name == "rsub":  # aten's ``c - x``: rsub(x, c)
+            name, a, b = "sub", b, a
         if dtype == torch.bool:  # bool + bool is or, bool * bool is and
             if name == "add":
                 return Value(sympy.Or(_as_bool(a, shape), _as_bool(b, shape)), shape, dtype)
             if name == "mul":
                 return Value(sympy.And(_as_bool(a, shape), _as_bool(b, shape)), shape, dtype)
             raise Unproven(f"{node.name} ({name}) on bool")
-        if dtype.is_floating_point or a.dtype.is_floating_point or b.dtype.is_floating_point:
+        if (dtype.is_floating_point or a.dtype.is_floating_point or b.dtype.is_floating_point) \
+                and not (_exact(a) and _exact(b)):
             raise Unproven(f"{node.name} computes in {dtype}")
         x, y = _as_number(a, shape), _as_number(b, shape)
         if name in ("floordiv", "floor_divide", "div"):
@@ -352,7 +365,7 @@ class _Interpreter:
                 raise Unproven("a bool selection between non-bool values")
             xe, ye = _broadcast(x, shape), _broadcast(y, shape)
             return Value(sympy.Or(sympy.And(c, xe), sympy.And(sympy.Not(c), ye)), shape, dtype)
-        if dtype.is_floating_point:
+        if dtype.is_floating_point and not (_exact(x) and _exact(y)):
             raise Unproven(f"a selection in {dtype}")
         (xl, xh), (yl, yh) = _bounds(x), _bounds(y)
         lo = None if xl is None or yl is None else min(xl, yl)
@@ -480,6 +493,37 @@ class _Interpreter:
         return Value(doc(*I[:2]), shape, dtype, 0, shape[1] if isinstance(shape[1], int) else None)
 
 
+    def band(self, node: Node, shape: tuple, dtype: torch.dtype) -> Value:
+        """``triu``/``tril``: the elements on and above (below) the ``diagonal``-th diagonal of the
+        last two dims, zero elsewhere."""
+        x = self.value(node.args[0])
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+        if not isinstance(d, int) or len(shape) < 2:
+            raise Unproven(f"{node.name} with diagonal {d!r}")
+        row, col = I[len(shape) - 2], I[len(shape) - 1]
+        keep = col - row >= d if op_name(node) == "triu" else col - row <= d
+        if x.is_bool:
+            return Value(sympy.And(_broadcast(x, shape), keep), shape, dtype)
+        lo, hi = _bounds(x)
+        return Value(sympy.Piecewise((_broadcast(x, shape), keep), (0, True)), shape, dtype,
+                     None if lo is None else min(lo, 0), None if hi is None else max(hi, 0))
+
+
+_MANTISSA = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}
+
+
+def _exact(v: Value) -> bool:
+    """Every element is an integer the dtype holds exactly (bools and integers trivially)."""
+    if not v.dtype.is_floating_point:
+        return True
+    bits = _MANTISSA.get(v.dtype)
+    return bits is not None and v.lo is not None and v.hi is not None and -2**bits <= v.lo and v.hi <= 2**bits
+
+
+def _is_leaf(v: Value) -> bool:
+    return isinstance(v.expr, sympy.core.function.AppliedUndef)
+
+
 def _small(v: Value) -> bool:
     """Integers exactly representable in float32 (comparisons promote to the float's dtype)."""
     return v.lo is not None and v.hi is not None and -2**24 <= v.lo and v.hi <= 2**24
@@ -506,6 +550,7 @@ def _document_starts(x: Value, shape: tuple, leaves: dict) -> Optional[Node]:
 
 
 _HANDLERS: dict[str, Callable] = {"arange": _Interpreter.arange, "diff": _Interpreter.diff,
+                                  "triu": _Interpreter.band, "tril": _Interpreter.band,
                                   "cumsum": _Interpreter.cumsum, "where": _Interpreter.where,
                                   "masked_fill": _Interpreter.masked_fill, "expand": _Interpreter.expand,
                                   "unsqueeze": _Interpreter.unsqueeze}
@@ -513,12 +558,13 @@ for _n in ("zeros", "zeros_like", "new_zeros", "new_ones", "ones", "ones_like", 
     _HANDLERS[_n] = _Interpreter.filled
 for _n in ("view", "reshape", "_unsafe_view"):
     _HANDLERS[_n] = _Interpreter.reshape
-for _n in ("to", "bool", "long", "int", "short", "char", "byte", "type", "_to_copy", "contiguous", "clone",
+for _n in ("to", "bool", "long", "int", "short", "char", "byte", "float", "double", "half", "bfloat16", "type",
+           "type_as", "_to_copy", "contiguous", "clone",
            "alias", "detach", "lift_fresh_copy"):
     _HANDLERS[_n] = _Interpreter.cast
 for _n in ("le", "lt", "ge", "gt", "eq", "ne", "__le__", "__lt__", "__ge__", "__gt__", "__eq__", "__ne__"):
     _HANDLERS[_n] = _Interpreter.compare
-for _n in ("add", "sub", "mul", "floordiv", "floor_divide", "div"):
+for _n in ("add", "sub", "rsub", "mul", "floordiv", "floor_divide", "div"):
     _HANDLERS[_n] = _Interpreter.arith
 for _n in ("and_", "__and__", "bitwise_and", "logical_and", "or_", "__or__", "bitwise_or", "logical_or",
            "xor", "__xor__", "bitwise_xor", "logical_xor"):

@@ -60,6 +60,27 @@ def test_band_bounds_are_explicit(build, band, level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("build,negate,band", [
+    (lambda x: torch.triu(torch.ones(S, S), diagonal=1).bool(), True, Band(upper=0)),  # Megatron: True = masked
+    (lambda x: torch.tril(torch.ones(1, S, S)) < 0.5, True, Band(upper=0)),  # Megatron's data pipeline
+    (lambda x: (1.0 - torch.tril(torch.ones(S, S), -2)) == 0, False, Band(upper=-2)),
+], ids=["triu_bool", "tril_lt_half", "one_minus_tril"])
+def test_exact_float_masks(build, negate, band, level):
+    """Float tensors that only ever hold integers the dtype represents exactly are modelled."""
+    assert _structure(build, torch.zeros(()), level=level, negate=negate).band == band
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_inexact_float_values_are_not_proven(level):
+    def build(x):
+        big = torch.full((S, S), 2.0**25, dtype=torch.float32) + torch.tril(torch.ones(S, S))  # past float32's integers
+        return big > 2.0**25
+
+    with pytest.raises(Unproven, match="may not be exact"):
+        _structure(build, torch.zeros(()), level=level)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_small_integer_dtypes_wrap_in_eager_and_are_not_proven(level):
     def build(x):
         i = torch.arange(S, dtype=torch.uint8) * 100  # 500 wraps to 244 in uint8
