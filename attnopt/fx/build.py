@@ -64,13 +64,14 @@ class Builder:
                 node.meta[self.key] = node.target(*args, **kwargs)
 
 
-def erase_if_dead(gm: GraphModule, candidates: list[Node]) -> list[str]:
+def erase_if_dead(gm: GraphModule, candidates: list[Node], local: frozenset = frozenset()) -> list[str]:
     """Erase the candidates still in the graph that nothing reads any more (latest first, so
-    chains go together), except in-place writes; return their names."""
+    chains go together), except in-place writes other than those to memory only the dead nodes
+    used (``local``); return their names."""
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     removed = []
     for node in sorted(set(candidates) & index.keys(), key=index.__getitem__, reverse=True):
-        if not node.users and not written_args(node):
+        if not node.users and (node in local or not written_args(node)):
             removed.append(node.name)
             gm.graph.erase_node(node)
     return removed

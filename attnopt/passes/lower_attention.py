@@ -129,4 +129,4 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
         site.node.replace_all_uses_with(view, delete_user_cb=lambda u: u not in chain)
         replaced.setdefault(site.node, view)
     dead = [site.node, *out_use.skipped, *site.query.skipped, *site.key.skipped, *site.value.skipped, *site.chain]
-    return Lowered(call, erase_if_dead(gm, dead), replaced)
+    return Lowered(call, erase_if_dead(gm, dead, frozenset(site.chain)), replaced)

@@ -100,4 +100,4 @@ def lower_to_sdpa(gm: GraphModule, site: AttentionSite) -> Lowered:
     chain = set(out_use.skipped)
     site.node.replace_all_uses_with(call, delete_user_cb=lambda u: u not in chain)  # readers of [B, H, S, D]
     dead = [site.node, *out_use.skipped, *site.query.skipped, *site.key.skipped, *site.value.skipped, *site.chain]
-    return Lowered(call, erase_if_dead(gm, dead), {out_use.node: out, site.node: call})
+    return Lowered(call, erase_if_dead(gm, dead, frozenset(site.chain)), {out_use.node: out, site.node: call})

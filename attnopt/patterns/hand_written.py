@@ -216,7 +216,7 @@ def _mask_operands(node: Node) -> tuple[Node, Any, Optional[float], bool]:
         if not _leads_to_product(scores):
             raise _NoMatch("neither addend leads to the scores")
         return scores, (b if scores is a else a), None, False
-    if name == "masked_fill":
+    if name in ("masked_fill", "masked_fill_"):
         scores, mask, fill, negated = node.args[0], node.args[1], _arg(node, 2, "value"), True
     elif len(node.args) == 3:  # where(keep, scores, fill)
         mask, scores, fill, negated = *node.args, False
@@ -257,9 +257,26 @@ def _step(node: Node, c: _Chain) -> Node:
             c.problems.append(f"{node.name} ({name} with {', '.join(sorted(node.kwargs))}) is not a scale")
             return node.args[0]
         return _scale(node, c)
-    if name in ("add", "masked_fill", "where"):
+    if name in ("add", "masked_fill", "masked_fill_", "where"):
         return _mask(node, c)
     raise _NoMatch(f"{node.name} ({name}) before the softmax")
+
+
+def _inplace_fill(scores: Node, softmax: Node) -> Optional[Node]:
+    """Dynamo keeps ``scores.masked_fill_(m, v)`` as a statement whose result nothing reads, and
+    the softmax reads ``scores`` itself (Megatron's FusedScaleMaskSoftmax): the fill, when it is
+    the only other reader of the scores and comes before the softmax. The scores are the chain's
+    own memory (every step to them has a single reader), so the write is local to the chain."""
+    others = [u for u in scores.users if u is not softmax and u.target is not _ASSERT]
+    if len(others) != 1:
+        return None
+    fill = others[0]
+    if op_name(fill) != "masked_fill_" or fill.args[0] is not scores or fill.users:
+        return None
+    node = fill.next
+    while node is not softmax and node.op != "root":
+        node = node.next
+    return fill if node is softmax else None
 
 
 def _scores(node: Node, c: _Chain) -> Node:
@@ -530,7 +547,12 @@ def _match(softmax: Node, writes: Writes) -> AttentionSite:
         raise _NoMatch("softmax of a constant")
     if isinstance(meta(scores), torch.Tensor) and isinstance(meta(softmax), torch.Tensor):
         c.casts.append(("scores", meta(scores).dtype, meta(softmax).dtype))  # softmax(x, dtype=...)
-    _single_user(scores, c.nodes)
+    fill = _inplace_fill(scores, softmax)
+    if fill is None:
+        _single_user(scores, c.nodes)
+    else:
+        c.nodes.append(fill)
+        _mask(fill, c)
     qk = _scores(scores, c)
     pv = _probs(softmax, c)
     try:
