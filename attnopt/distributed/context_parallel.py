@@ -34,7 +34,7 @@ def _check(bound: dict[str, Any]) -> tuple[DeviceMesh, int, bool]:
     layout = bound["layout"]
     if layout == "thd":
         raise NotImplementedError("attnopt.attention under context parallel: packed 'thd' sequences are not sharded")
-    for name in ("attn_mask", "cu_seqlens_q", "cu_seqlens_k", "seqused_k"):
+    for name in ("attn_mask", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "sinks"):
         if bound.get(name) is not None:
             raise NotImplementedError(f"attnopt.attention under context parallel: {name} is not supported")
     if bound["dropout_p"] > 0:
@@ -151,14 +151,14 @@ def _backward(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[DTe
     for i, start in enumerate(where.local):
         n = where.keys_seen(start, banded, k.shape[seq])
         rows = (i * where.piece, where.piece)
-        dq_p, dk_p, dv_p = _BACKWARD(grad_out.narrow(out_seq, *rows), out.narrow(out_seq, *rows),
+        dq_p, dk_p, dv_p, _, _ = _BACKWARD(grad_out.narrow(out_seq, *rows), out.narrow(out_seq, *rows),
                                      lse.narrow(2, *rows).contiguous(), rng, q.narrow(seq, *rows),
                                      k.narrow(seq, 0, n), v.narrow(seq, 0, n), **statics)
         dqs.append(dq_p)
         dk.narrow(seq, 0, n).add_(dk_p)
         dv.narrow(seq, 0, n).add_(dv_p)
     return (_wrap(torch.cat(dqs, seq), mesh, Shard(seq), seq), _wrap(where.scatter_sum(dk), mesh, Shard(seq), seq),
-            _wrap(where.scatter_sum(dv), mesh, Shard(seq), seq))
+            _wrap(where.scatter_sum(dv), mesh, Shard(seq), seq), None, None)
 
 
 def register() -> None:

@@ -78,9 +78,29 @@ def _placements(kind: str, args: dict[str, object], names: list[str], outputs: t
         # Each rank holds the whole kv head but only its query heads' share of that head's gradient.
         by_name["key"] = by_name["value"] = Replicate()
         grads["dk"] = grads["dv"] = Partial()
-    if isinstance(args.get("attn_mask"), OpStrategy):
-        by_name["attn_mask"] = _mask_axis(args["attn_mask"], mask_from_end)
-    return [grads.get(o, by_name.get(o, Replicate())) for o in outputs] + [by_name.get(n, Replicate()) for n in names]
+    mask = args.get("attn_mask")
+    if isinstance(mask, OpStrategy):
+        by_name["attn_mask"] = _mask_axis(mask, mask_from_end)
+        if _mask_has_grad(args, mask):  # a mask whole on every rank gets a share of its gradient from each
+            grads["dmask"] = by_name["attn_mask"] if isinstance(by_name["attn_mask"], Shard) else Partial()
+    if isinstance(args.get("sinks"), OpStrategy):  # one logit per query head; batch shards share its gradient
+        by_name["sinks"] = Shard(0) if kind == "heads" else Replicate()
+        grads["dsinks"] = Shard(0) if kind == "heads" else Partial()
+    absent = _absent_outputs(args)
+    return ([None if o in absent else grads.get(o, by_name.get(o, Replicate())) for o in outputs]
+            + [by_name.get(n, Replicate()) for n in names])
+
+
+def _mask_has_grad(args: dict[str, object], mask: object) -> bool:
+    """Whether the backward returns the mask's gradient: an additive mask the autograd asked it for."""
+    return (isinstance(mask, OpStrategy) and bool(args.get("mask_grad"))
+            and mask.strategies[0].output_spec.tensor_meta.dtype != torch.bool)
+
+
+def _absent_outputs(args: dict[str, object]) -> set[str]:
+    """The backward's optional outputs this call leaves None."""
+    absent = set() if _mask_has_grad(args, args.get("attn_mask")) else {"dmask"}
+    return absent if args.get("sinks") is not None else absent | {"dsinks"}
 
 
 def _even_heads(names: list[str], layout: str) -> Callable[[list[DTensorSpec], object], bool]:
@@ -105,7 +125,9 @@ def _strategy(outputs: tuple[str, ...]) -> Callable[[OpSchema], OpStrategy]:
         args = bind(op_schema.op, op_schema.args_schema, op_schema.kwargs_schema)
         names = tensor_arg_names(op_schema)
         layout = args["layout"]
-        strategies = [[Replicate()] * (len(outputs) + len(names)), _placements("heads", args, names, outputs)]
+        absent = _absent_outputs(args)
+        replicated = [None if o in absent else Replicate() for o in outputs] + [Replicate()] * len(names)
+        strategies = [replicated, _placements("heads", args, names, outputs)]
         key: Optional[OpStrategy] = args["key"] if isinstance(args["key"], OpStrategy) else None
         if key is not None and key.shape[HEAD_DIM[layout]] == 1:
             # MQA: every query head reads the one key/value head, which each rank can hold whole.
@@ -131,4 +153,4 @@ def register() -> None:
     """Register the rules for both ops (idempotent: a second registration replaces the first)."""
     forward, backward = torch.ops.attnopt.attention.default, torch.ops.attnopt.attention_backward.default
     register_op_strategy(forward, schema_info=_schema_info(forward))(_strategy(("out", "lse", "rng_state")))
-    register_op_strategy(backward, schema_info=_schema_info(backward))(_strategy(("dq", "dk", "dv")))
+    register_op_strategy(backward, schema_info=_schema_info(backward))(_strategy(("dq", "dk", "dv", "dmask", "dsinks")))

@@ -3,34 +3,31 @@
 Speaks SDPA's and flash-attn's language (``query``, ``key``, ``value``, ``attn_mask``,
 ``is_causal``, ``scale``, ``dropout_p``, ``window_size``, ``cu_seqlens_q/k``,
 ``max_seqlen_q/k``, ``softcap``) plus ``layout``: where the head axis is (bhsd, bshd, sbhd, or packed
-thd).
+thd). Its arguments are declared once, in :mod:`.args`.
 Inputs are read in place with any strides; the output is contiguous in ``out_layout``.
 
 The op returns (out, lse, rng_state) so that backward runs the matching kernel's backward
-without recomputing the forward; lse and rng_state are not differentiable.
+without recomputing the forward; lse and rng_state are not differentiable. The backward op returns
+(dq, dk, dv, d attn_mask or None, d sinks or None).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from . import kernels
-from .spec import FROM_BHSD, TO_BHSD, AttnSpec, build_spec, check_cu_seqlens, lse_shape, out_shape
+from . import empty_rows, kernels, sinks as sink_math
+from .args import (DEFAULTS, FRONT_TO_OP, INDEX, NAMES, POSITIONAL, SCHEMA, TENSORS, Call, bind, complete, front_doc,
+                   front_signature)
+from .spec import (FROM_BHSD, TO_BHSD, AttnSpec, build_spec, check_cu_seqlens, check_seqused_k, lse_shape,
+                   out_shape)
 
 log = logging.getLogger("attnopt")
-
-_ARGS = (
-    "Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0., "
-    'bool is_causal=False, float? scale=None, str layout="bhsd", str? out_layout=None, '
-    'str causal_align="top_left", int[2] window_size=[-1, -1], Tensor? cu_seqlens_q=None, '
-    'Tensor? cu_seqlens_k=None, SymInt? max_seqlen_q=None, SymInt? max_seqlen_k=None, str kernel_name="auto", '
-    "Tensor? seqused_k=None, float softcap=0."
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +64,6 @@ def _record(direction: str, kernel: str, spec: AttnSpec) -> None:
     log.debug("attention %s: kernel=%s layout=%s shape=%s", direction, kernel, spec.layout, call.shape)
 
 
-def _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-          window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None, softcap=0.0) -> AttnSpec:
-    return build_spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout,
-                      causal_align, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
-                      softcap)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Packed:
     """Packed-sequence offsets, trimmed to the sequences that hold tokens."""
@@ -96,57 +86,6 @@ def _varlen_spec(spec: AttnSpec, q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tenso
     return spec, _Packed(cu_q, cu_k)
 
 
-def _sequences(spec: AttnSpec, offs_q: list[int], offs_k: list[int]) -> Iterator[tuple[int, slice, slice, AttnSpec]]:
-    """Per-sequence dense specs, for kernels without native packed-sequence support."""
-    for i in range(spec.batch):
-        sq, sk = offs_q[i + 1] - offs_q[i], offs_k[i + 1] - offs_k[i]
-        sub = dataclasses.replace(spec, layout="bhsd", out_layout="bhsd", batch=1, seqlen_q=sq, seqlen_k=sk,
-                                  equal_seqlens=sq == sk)
-        yield i, slice(offs_q[i], offs_q[i + 1]), slice(offs_k[i], offs_k[i + 1]), sub
-
-
-def _dense(t: Tensor) -> Tensor:
-    """[S, H, D] slice of a packed tensor -> [1, H, S, D] view."""
-    return t.transpose(0, 1).unsqueeze(0)
-
-
-def _forward_varlen(kern, spec, packed: _Packed, q, k, v):
-    if kern.varlen_native:
-        return kern.forward_varlen(spec, q, k, v, packed.cu_q, packed.cu_k)
-    out = q.new_zeros(q.shape[0], spec.heads_q, spec.dim_v)
-    lse = q.new_full((spec.heads_q, q.shape[0]), float("-inf"), dtype=torch.float32)
-    for _, sq, sk, sub in _sequences(spec, *packed.offsets()):
-        if sub.seqlen_q == 0 or sub.seqlen_k == 0:
-            continue
-        o, l, _ = kern.forward(sub, _dense(q[sq]), _dense(k[sk]), _dense(v[sk]), None)
-        out[sq] = o[0].transpose(0, 1)
-        lse[:, sq] = l[0]
-    return out, lse, kernels.base.empty_rng(q.device)
-
-
-def _backward_varlen(kern, spec, packed: _Packed, grad_out, q, k, v, out, lse, rng_state):
-    if kern.varlen_native:
-        return kern.backward_varlen(spec, grad_out, q, k, v, out, lse, rng_state, packed.cu_q, packed.cu_k)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for _, sq, sk, sub in _sequences(spec, *packed.offsets()):
-        if sub.seqlen_q == 0 or sub.seqlen_k == 0:
-            continue
-        g = kern.backward(sub, _dense(grad_out[sq]), _dense(q[sq]), _dense(k[sk]), _dense(v[sk]),
-                          _dense(out[sq]), lse[:, sq].unsqueeze(0).contiguous(), rng_state, None)
-        dq[sq], dk[sk], dv[sk] = (t[0].transpose(0, 1) for t in g)
-    return dq, dk, dv
-
-
-def _key_lengths(kern: kernels.Kernel, spec: AttnSpec, attn_mask, seqused_k) -> tuple[AttnSpec, dict]:
-    """Kernel arguments for per-batch key lengths: native ``seqused_k``, or folded into the mask."""
-    if seqused_k is None:
-        return spec, {"mask": attn_mask}
-    if kern.seqused_native:
-        return spec, {"mask": attn_mask, "seqused_k": seqused_k}
-    spec, mask = kernels.base.fold_key_lengths(spec, attn_mask, seqused_k)
-    return dataclasses.replace(spec, mask_dtype=mask.dtype), {"mask": mask}
-
-
 def _select(spec: AttnSpec, kernel: str) -> kernels.Kernel:
     kern = kernels.select(spec, kernel)
     if spec.varlen and not kern.varlen_native and spec.dropout_p > 0:
@@ -154,182 +93,283 @@ def _select(spec: AttnSpec, kernel: str) -> kernels.Kernel:
     return kern
 
 
+def _describe(call: Call) -> tuple[AttnSpec, Optional[_Packed]]:
+    """The call's spec (packed offsets read and trimmed) and the offsets."""
+    spec = build_spec(call)
+    if not spec.varlen:
+        return spec, None
+    return _varlen_spec(spec, call.query, call.key, call.cu_seqlens_q, call.cu_seqlens_k)
+
+
+def _plan(call: Call) -> tuple[AttnSpec, kernels.Kernel, Optional[_Packed]]:
+    """The call's spec, the kernel that runs it, and the packed offsets."""
+    spec, packed = _describe(call)
+    return spec, _select(spec, call.kernel_name), packed
+
+
+def _readable(kern: kernels.Kernel, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors as ``kern`` can read them: a head dim that is not unit-stride (a ``[..., D, H]``
+    buffer viewed head-major) is copied, unless the kernel reads any strides."""
+    if kern.strided_head_dim:
+        return tensors
+    for t in tensors:
+        if t.stride(-1) != 1 and t.shape[-1] != 1:
+            return tuple(x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in tensors)
+    return tensors
+
+
+def _kernel_args(kern: kernels.Kernel, spec: AttnSpec, call: Call, forward: bool) -> tuple[AttnSpec, dict]:
+    """The spec and keyword arguments a dense kernel call takes: the mask, native sinks (forward),
+    and per-batch key lengths (native ``seqused_k``, or folded into the mask)."""
+    extra: dict = {"mask": call.attn_mask}
+    if forward and call.sinks is not None and kern.sinks == "native":
+        extra["sinks"] = call.sinks
+    if call.seqused_k is None:
+        return spec, extra
+    if kern.seqused_native:
+        extra["seqused_k"] = call.seqused_k
+        return spec, extra
+    spec, extra["mask"] = kernels.base.fold_key_lengths(spec, call.attn_mask, call.seqused_k)
+    return dataclasses.replace(spec, mask_dtype=extra["mask"].dtype), extra
+
+
+def _sequences(kern: kernels.Kernel, spec: AttnSpec, offs_q: list[int],
+               offs_k: list[int]) -> Iterator[tuple[slice, slice, AttnSpec, kernels.Kernel]]:
+    """Per-sequence dense specs and the kernel for each, for kernels without native packed-sequence
+    support: a sequence the kernel cannot take (cuDNN: a single token) runs on the math kernel."""
+    for i in range(spec.batch):
+        sq, sk = offs_q[i + 1] - offs_q[i], offs_k[i + 1] - offs_k[i]
+        if sq == 0 or sk == 0:
+            continue
+        sub = dataclasses.replace(spec, layout="bhsd", out_layout="bhsd", batch=1, seqlen_q=sq, seqlen_k=sk,
+                                  equal_seqlens=sq == sk)
+        run = kern if kern.unsupported(sub) is None else kernels.KERNELS["math"]
+        yield slice(offs_q[i], offs_q[i + 1]), slice(offs_k[i], offs_k[i + 1]), sub, run
+
+
+def _dense(t: Tensor) -> Tensor:
+    """[S, H, D] slice of a packed tensor -> [1, H, S, D] view."""
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def _forward_varlen(kern, spec: AttnSpec, packed: _Packed, q, k, v, sinks: Optional[Tensor]):
+    extra = {} if sinks is None else {"sinks": sinks}
+    if kern.varlen_native:
+        return kern.forward_varlen(spec, q, k, v, packed.cu_q, packed.cu_k, **extra)
+    out = q.new_zeros(q.shape[0], spec.heads_q, spec.dim_v)
+    lse = q.new_full((spec.heads_q, q.shape[0]), float("-inf"), dtype=spec.lse_dtype)
+    for sq, sk, sub, run in _sequences(kern, spec, *packed.offsets()):
+        o, l, _ = run.forward(sub, _dense(q[sq]), _dense(k[sk]), _dense(v[sk]), None, **extra)
+        out[sq] = o[0].transpose(0, 1)
+        lse[:, sq] = l[0]
+    return out, lse, kernels.base.empty_rng(q.device)
+
+
+def _backward_varlen(kern, spec: AttnSpec, packed: _Packed, grad_out, q, k, v, out, lse, rng_state):
+    if kern.varlen_native:
+        return kern.backward_varlen(spec, grad_out, q, k, v, out, lse, rng_state, packed.cu_q, packed.cu_k)[:3]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for sq, sk, sub, run in _sequences(kern, spec, *packed.offsets()):
+        g = run.backward(sub, _dense(grad_out[sq]), _dense(q[sq]), _dense(k[sk]), _dense(v[sk]),
+                          _dense(out[sq]), lse[:, sq].unsqueeze(0).contiguous(), rng_state, None)
+        dq[sq], dk[sk], dv[sk] = (t[0].transpose(0, 1) for t in g[:3])
+    return dq, dk, dv
+
+
+def _empty_rows(spec: AttnSpec, call: Call, packed: Optional[_Packed]) -> Optional[Tensor]:
+    """The rows that keep no key, where the call asks for eager's NaNs there (never with sinks,
+    which leave every row a logit)."""
+    if call.empty_rows == "zero" or call.sinks is not None:
+        return None
+    if packed is not None:
+        return empty_rows.find_packed(spec, packed.cu_q, packed.cu_k, call.query.shape[0])
+    return empty_rows.find_dense(spec, call.attn_mask, call.seqused_k, call.query.device)
+
+
+def _reduce_to(grad: Tensor, mask: Tensor) -> Tensor:
+    """A [B, Hq, Sq, Sk] gradient summed over the dims ``mask`` broadcasts, in the mask's shape and dtype."""
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return grad.to(torch.promote_types(grad.dtype, torch.float32)).sum_to_size(shape).reshape(mask.shape).to(mask.dtype)
+
+
 # Defined with torch.library.define/impl rather than custom_op: the custom_op wrapper re-binds
 # all its arguments on every call, which costs more host time than a fast kernel launch.
-torch.library.define("attnopt::attention", f"({_ARGS}) -> (Tensor, Tensor, Tensor)")
+torch.library.define("attnopt::attention", f"({SCHEMA}) -> (Tensor, Tensor, Tensor)")
 torch.library.define("attnopt::attention_backward",
-                     f"(Tensor grad_out, Tensor out, Tensor lse, Tensor rng_state, {_ARGS}) -> (Tensor, Tensor, Tensor)")
+                     f"(Tensor grad_out, Tensor out, Tensor lse, Tensor rng_state, {SCHEMA}) "
+                     "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?)")
+_OP = torch.ops.attnopt.attention.default
+_BACKWARD_OP = torch.ops.attnopt.attention_backward.default
 
 
 @torch.library.impl("attnopt::attention", "CompositeExplicitAutograd")
-def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, layout="bhsd",
-               out_layout=None, causal_align="top_left", window_size=(-1, -1), cu_seqlens_q=None,
-               cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto", seqused_k=None,
-               softcap=0.0):
-    spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
-    if spec.varlen:
-        spec, packed = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
-    kern = _select(spec, kernel_name)
+def _attention(*args):
+    call = complete(args)
+    spec, kern, packed = _plan(call)
     _record("forward", kern.name, spec)
-    if spec.varlen:
-        out, lse, rng = _forward_varlen(kern, spec, packed, query, key, value)
+    q, k, v = _readable(kern, call.query, call.key, call.value)
+    sinks = call.sinks
+    if packed is not None:
+        out, lse, rng = _forward_varlen(kern, spec, packed, q, k, v, sinks if kern.sinks == "native" else None)
     else:
-        q, k, v = (t.permute(TO_BHSD[layout]) for t in (query, key, value))
-        spec, extra = _key_lengths(kern, spec, attn_mask, seqused_k)
-        out, lse, rng = kern.forward(spec, q, k, v, **extra)
+        if call.seqused_k is not None:
+            check_seqused_k(call.seqused_k, spec.seqlen_k)
+        q, k, v = (t.permute(TO_BHSD[call.layout]) for t in (q, k, v))
+        kspec, extra = _kernel_args(kern, spec, call, forward=True)
+        out, lse, rng = kern.forward(kspec, q, k, v, **extra)
+    if sinks is not None and kern.sinks == "lse":
+        out, lse = sink_math.fold(out, lse, sinks, spec.varlen)
+    if call.empty_rows != "zero":
+        rows = _empty_rows(spec, call, packed)
+        if rows is not None:
+            out = empty_rows.write(out, rows, spec.varlen, empty_rows.NAN)
+    if packed is None:
         out = out.permute(FROM_BHSD[spec.out_layout])
     return out.contiguous(), lse.contiguous(), rng
 
 
 @torch.library.register_fake("attnopt::attention")
-def _attention_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    layout="bhsd", out_layout=None, causal_align="top_left", window_size=(-1, -1),
-                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, kernel_name="auto",
-                    seqused_k=None, softcap=0.0):
-    spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
-    if kernel_name not in kernels.KERNEL_NAMES:
-        raise ValueError(f"attnopt.attention: unknown kernel {kernel_name!r}; choose from {kernels.KERNEL_NAMES}")
+def _attention_fake(*args):
+    call = complete(args)
+    spec = build_spec(call)
+    if call.kernel_name not in kernels.KERNEL_NAMES:
+        raise ValueError(f"attnopt.attention: unknown kernel {call.kernel_name!r}; choose from {kernels.KERNEL_NAMES}")
+    query = call.query
     total_q = query.shape[0]
     out = query.new_empty(out_shape(spec, total_q))
-    lse = query.new_empty(lse_shape(spec, total_q), dtype=torch.float32)
-    rng = query.new_empty((2,) if dropout_p > 0 else (0,), dtype=torch.int64)
+    lse = query.new_empty(lse_shape(spec, total_q), dtype=spec.lse_dtype)
+    rng = query.new_empty((2,) if call.dropout_p > 0 else (0,), dtype=torch.int64)
     return out, lse, rng
 
 
 @torch.library.impl("attnopt::attention_backward", "CompositeExplicitAutograd")
-def _attention_backward(grad_out, out, lse, rng_state, query, key, value, attn_mask=None, dropout_p=0.0,
-                        is_causal=False, scale=None, layout="bhsd", out_layout=None, causal_align="top_left",
-                        window_size=(-1, -1), cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                        max_seqlen_k=None, kernel_name="auto", seqused_k=None, softcap=0.0):
-    spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
-    if spec.varlen:
-        spec, packed = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
-    kern = _select(spec, kernel_name)
+def _attention_backward(grad_out, out, lse, rng_state, *args):
+    call = complete(args)
+    spec, kern, packed = _plan(call)
     _record("backward", kern.name, spec)
-    if spec.varlen:
-        grads = _backward_varlen(kern, spec, packed, grad_out, query, key, value, out, lse, rng_state)
+    q, k, v, grad_out, out = _readable(kern, call.query, call.key, call.value, grad_out, out)
+    if packed is None:
+        q, k, v = (t.permute(TO_BHSD[call.layout]) for t in (q, k, v))
+        grad_out, out = (t.permute(TO_BHSD[spec.out_layout]) for t in (grad_out, out))
+    rows = _empty_rows(spec, call, packed) if call.empty_rows != "zero" else None
+    if rows is not None:  # the kernel runs those rows as empty; their NaNs are written below
+        grad_out, out = (empty_rows.write(t, rows, spec.varlen, 0.0) for t in (grad_out, out))
+    dmask = None
+    if packed is not None:
+        dq, dk, dv = _backward_varlen(kern, spec, packed, grad_out, q, k, v, out, lse, rng_state)
+        if rows is not None:
+            dq, dk, dv = empty_rows.nan_grads_packed(call.empty_rows, rows, spec, packed.cu_q, packed.cu_k, dq, dk, dv)
     else:
-        q, k, v = (t.permute(TO_BHSD[layout]) for t in (query, key, value))
-        o, g = (t.permute(TO_BHSD[spec.out_layout]) for t in (out, grad_out))
-        spec, extra = _key_lengths(kern, spec, attn_mask, seqused_k)
-        grads = kern.backward(spec, g, q, k, v, o, lse, rng_state, **extra)
-        grads = tuple(t.permute(FROM_BHSD[layout]) for t in grads)
-    return tuple(t.contiguous() for t in grads)
+        kspec, extra = _kernel_args(kern, spec, call, forward=False)
+        dq, dk, dv, dmask = kern.backward(kspec, grad_out, q, k, v, out, lse, rng_state, **extra)
+        if rows is not None:
+            dq, dk, dv, dmask = empty_rows.nan_grads_dense(call.empty_rows, rows, spec, dq, dk, dv, dmask)
+        dq, dk, dv = (t.permute(FROM_BHSD[call.layout]) for t in (dq, dk, dv))
+        if dmask is not None:
+            dmask = _reduce_to(dmask, call.attn_mask).contiguous()
+    dsinks = None if call.sinks is None else sink_math.grad(grad_out, out, lse, call.sinks, spec.varlen)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask, dsinks
 
 
 @torch.library.register_fake("attnopt::attention_backward")
-def _attention_backward_fake(grad_out, out, lse, rng_state, query, key, value, *args, **kwargs):
-    return torch.empty_like(query, memory_format=torch.contiguous_format), \
-        torch.empty_like(key, memory_format=torch.contiguous_format), \
-        torch.empty_like(value, memory_format=torch.contiguous_format)
+def _attention_backward_fake(grad_out, out, lse, rng_state, *args):
+    call = complete(args)
+    spec = build_spec(call)
+    grads = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (call.query, call.key, call.value))
+    dmask = call.attn_mask.new_empty(call.attn_mask.shape) if spec.mask_grad else None
+    dsinks = None if call.sinks is None else call.sinks.new_empty(call.sinks.shape)
+    return (*grads, dmask, dsinks)
 
 
-_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "layout", "out_layout",
-          "causal_align", "window_size", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "kernel_name",
-          "seqused_k", "softcap")
-
-
-_TENSOR_ARGS = ("query", "key", "value", "attn_mask", "cu_seqlens_q", "cu_seqlens_k", "seqused_k")
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    args = dict(zip(_NAMES, inputs))
-    mask = args["attn_mask"]
-    if mask is not None and mask.requires_grad:
-        raise ValueError("attnopt.attention: attn_mask must not require grad (learned biases are not supported)")
-    out, lse, rng = output
-    ctx.mark_non_differentiable(lse, rng)
-    ctx.save_for_backward(args["query"], args["key"], args["value"], mask, out, lse, rng,
-                          args["cu_seqlens_q"], args["cu_seqlens_k"], args["seqused_k"])
-    ctx.static = {n: args[n] for n in _NAMES if n not in _TENSOR_ARGS}
-
-
-def _backward(ctx, grad_out, grad_lse, grad_rng):
-    q, k, v, mask, out, lse, rng, cu_q, cu_k, seqused_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.attnopt.attention_backward(
-        grad_out, out, lse, rng, q, k, v, attn_mask=mask, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k,
-        **ctx.static
-    )
-    return (dq, dk, dv) + (None,) * (len(_NAMES) - 3)
-
-
-_DEFAULTS = (None, 0.0, False, None, "bhsd", None, "top_left", [-1, -1], None, None, None, None, "auto", None, 0.0)
+_MASK, _MASK_GRAD = INDEX["attn_mask"], INDEX["mask_grad"]
+_TENSORS_IN = [tuple(i for i in TENSORS if i < n) for n in range(len(NAMES) + 1)]  # those among n arguments
+# Where the backward op's (dq, dk, dv, d attn_mask, d sinks) go among apply's inputs (the arguments tuple first).
+_GRAD_AT = tuple(1 + TENSORS.index(INDEX[n]) for n in ("query", "key", "value", "attn_mask", "sinks"))
 
 
 class _AttentionFunction(torch.autograd.Function):
     """Autograd for attnopt::attention; registered by hand rather than with register_autograd,
-    whose per-call re-binding of all its arguments costs more host time than the kernel."""
+    whose per-call re-binding of all its arguments costs more host time than the kernel.
+
+    ``apply`` takes the call's arguments as one tuple (as the dispatcher delivered them: trailing
+    defaults dropped) followed by its tensor arguments, which autograd tracks: its per-argument
+    work then scales with the few tensors rather than with the whole schema."""
 
     @staticmethod
-    def forward(ctx, *args):
-        args = args + _DEFAULTS[len(args) - 3:]  # the dispatcher drops trailing defaults
+    def forward(ctx, args, *tensors):
         with torch._C._AutoDispatchBelowAutograd():
-            output = torch.ops.attnopt.attention.default(*args)
-        _setup_context(ctx, args, output)
+            output = _OP(*args)
+        out, lse, rng = output
+        ctx.mark_non_differentiable(lse, rng)
+        ctx.save_for_backward(*tensors, out, lse, rng)
+        statics = list(args)
+        for i in _TENSORS_IN[len(statics)]:
+            statics[i] = None
+        ctx.statics = statics
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_rng):
-        return _backward(ctx, grad_out, grad_lse, grad_rng)
+        *tensors, out, lse, rng = ctx.saved_tensors
+        args = list(ctx.statics)
+        for i, t in zip(_TENSORS_IN[len(args)], tensors):
+            args[i] = t
+        grads = _BACKWARD_OP(grad_out, out, lse, rng, *args)
+        result: list = [None] * (1 + len(TENSORS))
+        for i, grad in zip(_GRAD_AT, grads):
+            result[i] = grad
+        return tuple(result)
 
 
 @torch.library.impl("attnopt::attention", "Autograd")
 def _attention_autograd(*args):
-    return _AttentionFunction.apply(*args)
+    mask = args[_MASK] if len(args) > _MASK else None
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        # recorded in the call, so that a compiled forward picks the kernel its backward needs
+        full = list(args + DEFAULTS[len(args):])
+        full[_MASK_GRAD] = True
+        args = tuple(full)
+    n = len(args)
+    return _AttentionFunction.apply(args, *(args[i] if i < n else None for i in TENSORS))
 
 
-def attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Optional[Tensor] = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    *,
-    layout: str = "bhsd",
-    out_layout: Optional[str] = None,
-    causal_align: str = "top_left",
-    window_size: Sequence[int] = (-1, -1),
-    cu_seqlens_q: Optional[Tensor] = None,
-    cu_seqlens_k: Optional[Tensor] = None,
-    max_seqlen_q: Optional[int] = None,
-    max_seqlen_k: Optional[int] = None,
-    kernel: str = "auto",
-    seqused_k: Optional[Tensor] = None,
-    softcap: float = 0.0,
-    return_lse: bool = False,
-):
-    """Fused attention on tensors in any supported layout; returns out (and lse if asked).
+_RENAMED = tuple(FRONT_TO_OP.items())
 
-    Query head h reads key/value head ``h // (Hq // Hkv)``. ``attn_mask`` is bool (True =
-    attend) or additive and broadcasts to [B, Hq, Sq, Sk]. ``window_size`` is (left, right)
-    around the diagonal, which ``causal_align`` puts at the top-left (SDPA) or the bottom-right
-    (flash-attn) corner when Sq != Sk. ``seqused_k`` (int32 [B]) limits batch b to its first
-    ``seqused_k[b]`` keys (a partly filled KV cache). ``softcap`` > 0 caps the scaled scores to
-    ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2). ``kernel`` forces one of
-    ``KERNEL_NAMES`` (the op's ``kernel_name`` argument).
-    """
-    out, lse, _ = torch.ops.attnopt.attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-        list(window_size), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kernel, seqused_k, softcap,
-    )
+
+def attention(*args, return_lse: bool = False, **options):
+    if len(args) > POSITIONAL:
+        raise TypeError(f"attnopt.attention() takes {POSITIONAL} positional arguments; give the rest by keyword")
+    for front, name in _RENAMED:
+        if front in options:
+            options[name] = options.pop(front)
+    out, lse, _ = _OP(*args, **options)
     return (out, lse) if return_lse else out
 
 
-def kernel_for(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-               is_causal: bool = False, scale: Optional[float] = None, *, layout: str = "bhsd",
-               out_layout: Optional[str] = None, causal_align: str = "top_left",
-               window_size: Sequence[int] = (-1, -1), max_seqlen_q: Optional[int] = None,
-               max_seqlen_k: Optional[int] = None, cu_seqlens_q: Optional[Tensor] = None,
-               cu_seqlens_k: Optional[Tensor] = None, kernel: str = "auto",
-               seqused_k: Optional[Tensor] = None, softcap: float = 0.0) -> str:
-    """The name of the kernel :func:`attention` would run for these arguments."""
-    spec = _spec(query, key, value, attn_mask, dropout_p, is_causal, scale, layout, out_layout, causal_align,
-                 window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softcap)
-    if spec.varlen:
-        spec, _ = _varlen_spec(spec, query, key, cu_seqlens_q, cu_seqlens_k)
-    return _select(spec, kernel).name
+attention.__signature__ = front_signature(
+    inspect.Parameter("return_lse", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool))
+attention.__doc__ = front_doc("""Fused attention on tensors in any supported layout; returns out, and (out, lse) with
+``return_lse``. Query head h reads key/value head h // (Hq // Hkv). Bad input raises ValueError
+naming the problem; a forced kernel that cannot run the call says why.""")
+
+
+def _bind_front(args: tuple, options: dict) -> Call:
+    """A front call's arguments, ``mask_grad`` set as the op's autograd would set it."""
+    call = bind(args, options)
+    mask = call.attn_mask
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        call = call._replace(mask_grad=True)
+    return call
+
+
+def kernel_for(*args, **options) -> str:
+    return _plan(_bind_front(args, options))[1].name
+
+
+def spec_for(*args, **options) -> AttnSpec:
+    return _describe(_bind_front(args, options))[0]
+
+
+kernel_for.__signature__ = spec_for.__signature__ = front_signature()
+kernel_for.__doc__ = front_doc("The name of the kernel :func:`attention` would run for these arguments.")
+spec_for.__doc__ = front_doc("The validated description of a call (packed offsets read) that the kernel policy sees.")

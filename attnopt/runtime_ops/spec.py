@@ -9,14 +9,18 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .args import Call
+
 LAYOUTS = ("bhsd", "bshd", "sbhd", "thd")
 CAUSAL_ALIGNS = ("top_left", "bottom_right")
+EMPTY_ROWS = ("zero", "nan", "nan_additive")
+_PACKED_ONLY = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 # Permutation taking a tensor in the given layout to a [B, H, S, D] view, and its inverse.
 TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3)}
@@ -51,10 +55,17 @@ class AttnSpec:
     equal_seqlens: bool = False
     seqused: bool = False  # per-batch key lengths (seqused_k): as if batch b's keys were sliced to them
     softcap: float = 0.0  # scores become softcap * tanh(scores / softcap) before the mask; 0 = off
+    sinks: bool = False  # per-head sink logits join every row's softmax denominator
+    mask_grad: bool = False  # the backward returns the additive mask's gradient
 
     @property
     def varlen(self) -> bool:
         return self.layout == "thd"
+
+    @property
+    def lse_dtype(self) -> torch.dtype:
+        """float32, or float64 for float64 inputs (kernels that take them compute in float64)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     @property
     def has_mask(self) -> bool:
@@ -91,35 +102,21 @@ def _fail(msg: str) -> None:
     raise ValueError(f"attnopt.attention: {msg}")
 
 
-def build_spec(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Optional[Tensor],
-    dropout_p: float,
-    is_causal: bool,
-    scale: Optional[float],
-    layout: str,
-    out_layout: Optional[str],
-    causal_align: str,
-    window_size: Sequence[int],
-    cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: Optional[int],
-    max_seqlen_k: Optional[int],
-    seqused_k: Optional[Tensor] = None,
-    softcap: float = 0.0,
-) -> AttnSpec:
+def build_spec(call: Call) -> AttnSpec:
     """Validate a call and describe it. Raises ValueError naming the first problem found."""
+    query, key, value, attn_mask, layout = call.query, call.key, call.value, call.attn_mask, call.layout
     if layout not in LAYOUTS:
         _fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    out_layout = layout if out_layout is None else out_layout
+    out_layout = layout if call.out_layout is None else call.out_layout
     if out_layout not in LAYOUTS:
         _fail(f"out_layout must be one of {LAYOUTS}, got {out_layout!r}")
     if (layout == "thd") != (out_layout == "thd"):
         _fail(f"layout {layout!r} and out_layout {out_layout!r} must both be 'thd' or neither")
+    causal_align = call.causal_align
     if causal_align not in CAUSAL_ALIGNS:
         _fail(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
+    if call.empty_rows not in EMPTY_ROWS:
+        _fail(f"empty_rows must be one of {EMPTY_ROWS}, got {call.empty_rows!r}")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not t.is_floating_point():
             _fail(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -131,21 +128,24 @@ def build_spec(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != rank:
             _fail(f"{name} must have {rank} dims for layout {layout!r}, got shape {tuple(t.shape)}")
+    window_size = call.window_size
     if len(window_size) != 2:
         _fail(f"window_size must be (left, right), got {tuple(window_size)}")
     left, right = int(window_size[0]), int(window_size[1])
     if left < -1 or right < -1:
         _fail(f"window_size entries must be >= 0 or -1 (unbounded), got {(left, right)}")
-    if is_causal:
+    if call.is_causal:
         if right > 0:
             _fail(f"is_causal=True admits no keys right of the diagonal, but window_size[1]={right}")
         right = 0
-    if not 0.0 <= dropout_p < 1.0:
-        _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not softcap >= 0.0:
-        _fail(f"softcap must be >= 0 (0 = no softcapping), got {softcap}")
+    if not 0.0 <= call.dropout_p < 1.0:
+        _fail(f"dropout_p must be in [0, 1), got {call.dropout_p}")
+    if not call.softcap >= 0.0:
+        _fail(f"softcap must be >= 0 (0 = no softcapping), got {call.softcap}")
 
+    cu_seqlens_q, cu_seqlens_k = call.cu_seqlens_q, call.cu_seqlens_k
     if layout == "thd":
+        max_seqlen_q, max_seqlen_k = call.max_seqlen_q, call.max_seqlen_k
         if cu_seqlens_q is None or cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
             _fail("layout 'thd' needs cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k")
         for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -166,6 +166,10 @@ def build_spec(
         if key.shape[0] != value.shape[0]:
             _fail(f"key and value must have the same number of tokens, got {key.shape[0]} and {value.shape[0]}")
     else:
+        if (cu_seqlens_q is not None or cu_seqlens_k is not None or call.max_seqlen_q is not None
+                or call.max_seqlen_k is not None):
+            given = [n for n in _PACKED_ONLY if getattr(call, n) is not None]
+            _fail(f"{', '.join(given)} describe packed sequences: they need layout 'thd', not {layout!r}")
         perm = TO_BHSD[layout]
         qs, ks, vs = ([t.shape[p] for p in perm] for t in (query, key, value))
         batch, hq, sq = qs[0], qs[1], qs[2]
@@ -197,6 +201,7 @@ def build_spec(
                 _fail(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
         mask_dtype = attn_mask.dtype
 
+    seqused_k = call.seqused_k
     if seqused_k is not None:
         if layout == "thd":
             _fail("seqused_k is for padded [B, S, H, D] key caches; packed 'thd' sequences use cu_seqlens_k")
@@ -204,6 +209,15 @@ def build_spec(
             _fail(f"seqused_k must be an int32 tensor of shape ({batch},), got {seqused_k.dtype} {tuple(seqused_k.shape)}")
         if seqused_k.device != query.device:
             _fail(f"seqused_k is on {seqused_k.device} but query is on {query.device}")
+
+    sinks = call.sinks
+    if sinks is not None:
+        if sinks.dtype != torch.float32 and sinks.dtype != query.dtype:
+            _fail(f"sinks must be float32 or of the query's dtype {query.dtype}, got {sinks.dtype}")
+        if sinks.dim() != 1 or sinks.shape[0] != hq:
+            _fail(f"sinks must have shape ({hq},), one logit per query head, got {tuple(sinks.shape)}")
+        if sinks.device != query.device:
+            _fail(f"sinks is on {sinks.device} but query is on {query.device}")
 
     return AttnSpec(
         layout=layout,
@@ -217,16 +231,38 @@ def build_spec(
         dim_v=dv,
         dtype=query.dtype,
         device=query.device,
-        scale=float(scale) if scale is not None else 1.0 / math.sqrt(dqk),
-        dropout_p=float(dropout_p),
+        scale=float(call.scale) if call.scale is not None else 1.0 / math.sqrt(dqk),
+        dropout_p=float(call.dropout_p),
         causal_align=causal_align,
         window=(left, right),
         mask_dtype=mask_dtype,
         # with key lengths, a bottom-right band aligns to each batch's length, not to sk
         equal_seqlens=layout != "thd" and seqused_k is None and sq == sk,  # a SymBool stays unevaluated
         seqused=seqused_k is not None,
-        softcap=float(softcap),
+        softcap=float(call.softcap),
+        sinks=sinks is not None,
+        mask_grad=bool(call.mask_grad) and mask_dtype is not None and mask_dtype != torch.bool,
     )
+
+
+def check_seqused_k(seqused_k: Tensor, seqlen_k: int) -> None:
+    """Key lengths must lie in [0, Sk]: checked on the host on CPU; on other devices by a device-side
+    assert, so that a decode step never waits for the device. Once per tensor and version (the
+    layers of a model share one lengths tensor)."""
+    key = (seqused_k._version, seqlen_k)
+    if _checked_lengths.get(seqused_k) == key:
+        return
+    if seqused_k.device.type == "cpu":
+        low, high = seqused_k.aminmax() if seqused_k.numel() else (0, 0)
+        if low < 0 or high > seqlen_k:
+            _fail(f"seqused_k must lie in [0, {seqlen_k}] (the key length), got values in [{int(low)}, {int(high)}]")
+    else:
+        torch._assert_async(torch.clamp(seqused_k, 0, seqlen_k).eq(seqused_k).all(),
+                            f"attnopt.attention: seqused_k must lie in [0, {seqlen_k}] (the key length)")
+    _checked_lengths[seqused_k] = key
+
+
+_checked_lengths: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 # offsets already checked: cu_q -> (cu_k, the arguments and versions they were checked with, result)
@@ -290,3 +326,9 @@ def lse_shape(spec: AttnSpec, total_q: int) -> tuple[int, ...]:
     if spec.layout == "thd":
         return (spec.heads_q, total_q)
     return (spec.batch, spec.heads_q, spec.seqlen_q)
+
+
+def per_row(x: Tensor, thd: bool) -> Tensor:
+    """A value per row in lse's shape ([B, Hq, Sq]; thd [Hq, T]) broadcast against the output's
+    rows ([B, Hq, Sq, Dv] view; thd [T, Hq, Dv])."""
+    return x.transpose(0, 1).unsqueeze(-1) if thd else x.unsqueeze(-1)

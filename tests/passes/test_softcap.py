@@ -7,7 +7,7 @@ import torch
 import attnopt.runtime_ops as R
 from attnopt.fx.normalize import op_name
 from attnopt.runtime_ops import kernels
-from attnopt.runtime_ops.attention import _spec
+from attnopt.runtime_ops.attention import spec_for
 from tests.conftest import Capture, assert_grads_match
 from tests.models.helpers import _used_parameters, check_exported
 from tests.models.transformers_models import EmbedsToLogits
@@ -135,8 +135,7 @@ def test_opcheck_with_softcap(variant: Variant):
 
 def test_cpu_flash_refuses_softcap_and_the_policy_falls_back_to_math():
     q, k, v, kw = make_inputs(SOFTCAP_VARIANTS[0], torch.float32, "cpu", requires_grad=False)
-    spec = _spec(q, k, v, None, 0.0, kw["is_causal"], None, kw["layout"], None, kw["causal_align"],
-                 kw["window_size"], None, None, None, None, None, kw["softcap"])
+    spec = spec_for(q, k, v, **kw)
     assert kernels.KERNELS["cpu_flash"].unsupported(spec) == "no softcapping"
     assert kernels.explain(spec) == {"cpu_flash": "no softcapping", "math": "ok"}
     assert R.kernel_for(q, k, v, **kw) == "math"

@@ -39,7 +39,8 @@ def test_opcheck(variant: Variant):
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v.name in ("gqa", "mla_gqa", "sbhd_to_bshd", "thd",
-                                                                     "bool_mask", "window")], ids=lambda v: v.name)
+                                                                     "bool_mask", "window", "heads_innermost_bhsd",
+                                                                     "heads_innermost_thd")], ids=lambda v: v.name)
 def test_opcheck_backward_op(variant: Variant):
     q, k, v, kw = make_inputs(variant, torch.float32, "cpu", requires_grad=False)
     kwargs = {k_: (list(v_) if k_ == "window_size" else v_) for k_, v_ in kw.items()}
@@ -142,6 +143,25 @@ BAD = [
     ("kernel", lambda q, k, v: (q, k, v), {"kernel": "nope"}, "unknown kernel"),
     ("forced_kernel", lambda q, k, v: (q, k, v), {"kernel": "cudnn"}, "kernel 'cudnn' cannot run"),
     ("forced_dropout", lambda q, k, v: (q, k, v), {"kernel": "cpu_flash", "dropout_p": 0.1}, "no dropout"),
+    ("cu_seqlens_dense", lambda q, k, v: (q, k, v), {"cu_seqlens_q": torch.tensor([0, 16], dtype=torch.int32)},
+     "cu_seqlens_q describe packed sequences: they need layout 'thd'"),
+    ("max_seqlen_dense", lambda q, k, v: (q, k, v), {"max_seqlen_q": 16, "max_seqlen_k": 16},
+     "max_seqlen_q, max_seqlen_k describe packed"),
+    ("seqused_negative", lambda q, k, v: (q, k, v), {"seqused_k": torch.tensor([3, -1], dtype=torch.int32)},
+     r"seqused_k must lie in \[0, 16\]"),
+    ("seqused_past_keys", lambda q, k, v: (q, k, v), {"seqused_k": torch.tensor([17, 2], dtype=torch.int32)},
+     r"got values in \[2, 17\]"),
+    ("seqused_dtype", lambda q, k, v: (q, k, v), {"seqused_k": torch.tensor([3, 1])}, "seqused_k must be an int32"),
+    ("mask_rank", lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(1, 2, 1, 16, 16, dtype=torch.bool)},
+     "at most 4 dims"),
+    ("mask_half", lambda q, k, v: (q, k, v), {"attn_mask": torch.zeros(16, 16, dtype=torch.float16)},
+     "attn_mask must be bool or additive"),
+    ("sinks_shape", lambda q, k, v: (q, k, v), {"sinks": torch.zeros(2)}, r"sinks must have shape \(4,\)"),
+    ("sinks_dtype", lambda q, k, v: (q, k, v), {"sinks": torch.zeros(4, dtype=torch.float64)},
+     "sinks must be float32 or of the query's dtype"),
+    ("sinks_int", lambda q, k, v: (q, k, v), {"sinks": torch.zeros(4, dtype=torch.int32)}, "sinks must be float32"),
+    ("empty_rows", lambda q, k, v: (q, k, v), {"empty_rows": "inf"}, "empty_rows must be one of"),
+    ("forced_sinks", lambda q, k, v: (q, k, v), {"sinks": torch.zeros(4), "kernel": "cudnn"}, "kernel 'cudnn'"),
 ]
 
 
@@ -210,13 +230,6 @@ def test_offsets_are_read_on_the_host_once_per_tensor(monkeypatch):
     assert len(reads) == 3
 
 
-def test_mask_requiring_grad_is_refused():
-    q, k, v, kw = make_inputs(Variant("m"), torch.float32, "cpu")
-    bias = torch.zeros(16, 16, requires_grad=True)
-    with pytest.raises(ValueError, match="must not require grad"):
-        R.attention(q, k, v, attn_mask=bias, **kw)
-
-
 @settings(max_examples=25, deadline=None)
 @given(
     layout=st.sampled_from(["bhsd", "bshd", "sbhd"]),
@@ -241,3 +254,180 @@ def test_any_layout_and_shape_matches_reference(layout, out_layout, heads_kv, gr
     assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out[~fully_masked], ref[~fully_masked])
     assert (out[fully_masked] == 0).all()
+
+
+HEADS_INNERMOST = [v for v in VARIANTS if v.heads_innermost]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("variant", HEADS_INNERMOST, ids=lambda v: v.name)
+def test_head_dim_of_any_stride_compiles(variant: Variant, backend: str):
+    """q/k/v viewed head-major over [..., D, H] memory: read right in eager and compiled, and the
+    fake kernel's outputs have the real ones' strides."""
+    q, k, v, kw = make_inputs(variant, torch.float32, "cpu")
+    assert q.stride(-1) != 1
+    ref = reference(q, k, v, kw)
+    grad = torch.randn(ref.shape, dtype=torch.float32)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: R.attention(q, k, v, **kw), backend=backend, fullgraph=True)
+    out = f(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    assert rel_err(out, ref) < 1e-5
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+    qkv = [t.detach() for t in (q, k, v)]
+    real = torch.ops.attnopt.attention.default(*qkv, **kw)
+    mode = torch._subclasses.FakeTensorMode()
+    fakes = {n: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for n, a in kw.items()}
+    fake_qkv = [mode.from_tensor(t) for t in qkv]
+    with mode:
+        fake = torch.ops.attnopt.attention.default(*fake_qkv, **fakes)
+    assert [t.stride() for t in fake] == [t.stride() for t in real]
+
+
+LSE_VARIANTS = [v for v in VARIANTS if v.name in ("bshd", "gqa", "mla", "thd", "thd_window", "kv_cache_causal")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("variant", LSE_VARIANTS, ids=lambda v: v.name)
+def test_lse_dtype_follows_the_inputs_in_every_kernel_and_the_fake(variant: Variant, kernel: str, dtype):
+    q, k, v, kw = make_inputs(variant, dtype, "cpu", requires_grad=False)
+    _, lse = R.attention(q, k, v, kernel=kernel, return_lse=True, **kw)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    args = {n: (list(a) if n == "window_size" else a) for n, a in kw.items()}
+    with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True):
+        _, fake_lse, _ = torch.ops.attnopt.attention.default(q, k, v, kernel_name=kernel, **args)
+    assert fake_lse.dtype == lse.dtype and fake_lse.shape == lse.shape
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.layout == "thd"], ids=lambda v: v.name)
+def test_packed_float64_forward_and_backward_match_per_sequence_reference(variant: Variant, kernel: str):
+    q, k, v, kw = make_inputs(variant, torch.float64, "cpu")
+    out = R.attention(q, k, v, kernel=kernel, **kw)
+    ref = reference(q, k, v, kw)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    assert rel_err(out, ref) < 1e-12
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64 and rel_err(g, w) < 1e-12
+
+
+def test_key_lengths_are_checked_once_per_tensor_and_version():
+    q, k, v, kw = make_inputs(Variant("c", seqlen_q=1, seqlen_k=8), torch.float32, "cpu", False)
+    lengths = torch.tensor([3, 8], dtype=torch.int32)
+    R.attention(q, k, v, seqused_k=lengths, **kw)
+    lengths[0] = 9  # written in place: checked again
+    with pytest.raises(ValueError, match=r"seqused_k must lie in \[0, 8\]"):
+        R.attention(q, k, v, seqused_k=lengths, **kw)
+
+
+# Learned additive biases: shapes as models write them, broadcast to [B, Hq, Sq, Sk] = [2, 8, 6, 7].
+BIAS_SHAPES = {"t5": (1, 8, 6, 7), "alibi": (8, 1, 7), "per_batch": (2, 1, 6, 7), "shared": (6, 7),
+               "per_query": (2, 8, 6, 1)}
+
+
+def _bias_inputs(shape, causal: bool):
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 8, 16, dtype=torch.float64, requires_grad=True)  # bshd, GQA 8/2, Sq=6, Sk=7
+    k, v = (torch.randn(2, 7, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bias = torch.randn(shape, dtype=torch.float64)
+    if causal:  # -inf entries (never on key 0, so every causal row keeps a key): their gradient is 0
+        drop = torch.rand(shape) < 0.2
+        drop[..., 0] = False
+        bias = bias.masked_fill(drop, float("-inf"))
+    return q, k, v, bias.requires_grad_()
+
+
+def _sdpa_bshd(q, k, v, bias, causal):
+    """SDPA takes no mask with is_causal: the band goes into the bias (filled, so no gradient there)."""
+    t = lambda x: x.transpose(1, 2)
+    if causal:
+        bias = bias.masked_fill(~torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(), float("-inf"))
+    return t(torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=bias, enable_gqa=True))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", BIAS_SHAPES.values(), ids=BIAS_SHAPES.keys())
+def test_learned_bias_gradient_matches_sdpa(shape, causal):
+    q, k, v, bias = _bias_inputs(shape, causal)
+    with R.trace_kernels() as calls:
+        out = R.attention(q, k, v, bias, is_causal=causal, layout="bshd")
+        ref = _sdpa_bshd(q, k, v, bias, causal)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v, bias), grad)
+    want = torch.autograd.grad(ref, (q, k, v, bias), grad)
+    assert [c.kernel for c in calls] == ["math", "math"]  # cpu_flash returns no bias gradient
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_learned_bias_gradients_by_finite_differences():
+    q, k, v, bias = _bias_inputs((8, 1, 7), causal=False)
+    q, k, v = (t[:1, :3].detach().requires_grad_() for t in (q, k, v))
+    f = lambda q, k, v, b: R.attention(q, k, v, b, is_causal=True, causal_align="bottom_right", layout="bshd")
+    assert torch.autograd.gradcheck(f, (q, k, v, bias[:, :, :3].detach().requires_grad_()))
+
+
+def test_bias_gradient_picks_a_kernel_that_returns_it():
+    q, k, v, bias = _bias_inputs(BIAS_SHAPES["t5"], causal=False)
+    assert R.kernel_for(q, k, v, bias, layout="bshd") == "math"
+    assert R.kernel_for(q, k, v, bias.detach(), layout="bshd") == "cpu_flash"
+    with torch.no_grad():
+        assert R.kernel_for(q, k, v, bias, layout="bshd") == "cpu_flash"
+    with pytest.raises(ValueError, match="returns no gradient for attn_mask"):
+        R.attention(q, k, v, bias, layout="bshd", kernel="cpu_flash")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_learned_bias_gradient_through_torch_compile(backend):
+    q, k, v, bias = _bias_inputs(BIAS_SHAPES["alibi"], causal=True)
+    f = lambda q, k, v, b: R.attention(q, k, v, b, is_causal=True, layout="bshd")
+    ref = f(q, k, v, bias)
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (q, k, v, bias), grad)
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=backend, fullgraph=True)(q, k, v, bias)
+    got = torch.autograd.grad(out, (q, k, v, bias), grad)
+    torch.testing.assert_close(out, ref)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("shape", [BIAS_SHAPES["t5"], BIAS_SHAPES["alibi"]], ids=["t5", "alibi"])
+def test_opcheck_with_a_learned_bias(shape):
+    q, k, v, bias = _bias_inputs(shape, causal=True)
+    torch.library.opcheck(torch.ops.attnopt.attention.default, (q, k, v, bias),
+                          {"is_causal": True, "layout": "bshd"})
+    kwargs = {"is_causal": True, "layout": "bshd", "mask_grad": True}
+    args = tuple(t.detach() for t in (q, k, v, bias))
+    out, lse, rng = torch.ops.attnopt.attention.default(*args, **kwargs)
+    torch.library.opcheck(torch.ops.attnopt.attention_backward.default, (torch.randn_like(out), out, lse, rng, *args),
+                          kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_math_kernel_averages_a_row_masked_by_a_finite_fill(dtype):
+    """A row whose every key carries finfo.min: the scores round to the fill, and softmax (max
+    subtracted) averages every key, in the forward and through the gradient; exp(s - lse) would
+    give every key weight 1, since lse rounds to the fill too."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    i = torch.arange(6)
+    keep = (i[None, :] <= i[:, None]) & (i[None, :] >= 2)  # rows 0 and 1 keep no key
+    bias = torch.where(keep, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+    def eager(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5 + bias, dim=-1) @ v
+
+    out = R.attention(q, k, v, bias, kernel="math")
+    ref = eager(q, k, v)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want)

@@ -10,8 +10,7 @@ import torch
 
 import attnopt.runtime_ops as R
 from attnopt.runtime_ops import kernels
-from attnopt.runtime_ops.attention import _varlen_spec as varlen_spec
-from attnopt.runtime_ops.spec import build_spec
+from attnopt.runtime_ops.attention import spec_for
 from tests.runtime_ops.variants import SOFTCAP_VARIANTS, VARIANTS, make_inputs, reference, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -31,13 +30,6 @@ def _gpu_variant(v):
     return v.scaled(**grow)
 
 
-def _spec(q, k, v, kw):
-    a = dict(kw)
-    return build_spec(q, k, v, a.get("attn_mask"), 0.0, a["is_causal"], None, a["layout"], a.get("out_layout"),
-                      a["causal_align"], a["window_size"], a.get("cu_seqlens_q"), a.get("cu_seqlens_k"),
-                      a.get("max_seqlen_q"), a.get("max_seqlen_k"), a.get("seqused_k"), a.get("softcap", 0.0))
-
-
 def test_every_variant_on_every_cuda_kernel():
     rows, failures = [], []
     for variant in map(_gpu_variant, VARIANTS + SOFTCAP_VARIANTS):
@@ -46,9 +38,7 @@ def test_every_variant_on_every_cuda_kernel():
         ref64 = reference(q64, k64, v64, kw)
         grad = torch.randn(ref64.shape, device="cuda", dtype=torch.bfloat16)
         want = torch.autograd.grad(ref64, (q64, k64, v64), grad.double().cpu())
-        spec = _spec(q, k, v, kw)
-        if spec.varlen:
-            spec, *_ = varlen_spec(spec, q, k, kw["cu_seqlens_q"], kw["cu_seqlens_k"])
+        spec = spec_for(q, k, v, **kw)
         auto = R.kernel_for(q, k, v, **kw)
         for name, why_not in kernels.explain(spec).items():
             if why_not != "ok":
@@ -130,3 +120,228 @@ def test_decode_over_a_cache_runs_in_a_cuda_graph():
     assert {c.kernel for c in calls} == {"flash"}
     want = R.attention(q, k, v, seqused_k=lengths)
     assert rel_err(out, want) < 1e-6 and rel_err(out, eager) > 1e-4
+
+
+NEG = float("-inf")
+
+
+def _table(title: str, rows: list[tuple]) -> None:
+    print(f"\n{title}")
+    for r in rows:
+        print("  " + "  ".join(f"{c:<22}" if i == 0 else str(c) for i, c in enumerate(r)))
+
+
+def _check_every_kernel(title, spec, run, want, tol, require=()):
+    """Run ``run(kernel)`` on each kernel ``spec`` admits, compare with ``want`` (float64 CPU tensors),
+    print a table and fail on any error; every kernel in ``require`` must be among those admitted."""
+    rows, failures = [], []
+    admitted = {n for n, why in kernels.explain(spec).items() if why == "ok"}
+    for name, why_not in kernels.explain(spec).items():
+        if why_not != "ok":
+            rows.append((name, "n/a", why_not))
+            continue
+        try:
+            with R.trace_kernels() as calls:
+                got = run(name)
+            errs = [rel_err(g, w) for g, w in zip(got, want)]
+            ok = max(errs) < tol and {c.kernel for c in calls} == {name}
+            rows.append((name, "ok" if ok else "FAIL", " ".join(f"{e:.1e}" for e in errs)))
+            if not ok:
+                failures.append((name, errs, {c.kernel for c in calls}))
+        except Exception as e:  # noqa: BLE001 - every kernel error is reported, then fails the test
+            rows.append((name, "ERROR", f"{type(e).__name__}: {str(e)[:150]}"))
+            failures.append((name, repr(e)[:300]))
+    _table(title, rows)
+    assert not failures, failures
+    missing = {n for n in require if kernels.KERNELS[n].available(torch.device("cuda")) is None} - admitted
+    assert not missing, f"kernels that should take this call did not: {missing}"
+
+
+def _gpt_oss(q, k, v, sinks, keep):
+    """transformers' GPT-OSS eager attention, float64 on CPU, [B, H, S, D] in and out."""
+    import types
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    module = types.SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], sinks=sinks, training=False)
+    mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, NEG)
+    return eager_attention_forward(module, q, k, v, mask, q.shape[-1] ** -0.5)[0].transpose(1, 2)
+
+
+def _causal(sq, sk, left=-1):
+    i, j = torch.arange(sq)[:, None] + sk - sq, torch.arange(sk)[None]
+    return (j <= i) & (j >= i - left) if left >= 0 else j <= i
+
+
+@pytest.mark.parametrize("window", [-1, 96], ids=["causal", "sliding_window"])
+def test_sinks_on_every_cuda_kernel(window):
+    """GPT-OSS shapes (64 query heads in 8 groups, head dim 64), bf16 with float32 sinks, against its
+    eager attention in float64: out, dq, dk, dv, dsinks."""
+    torch.manual_seed(0)
+    b, hq, hkv, s, d = 2, 64, 8, 384, 64
+    q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # bshd
+    k, v = (torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(hq, device="cuda", requires_grad=True)
+    kw = dict(layout="bshd", is_causal=True, window_size=(window, 0), sinks=sinks)
+    t = lambda x: x.detach().double().cpu().transpose(1, 2).requires_grad_()
+    q64, k64, v64, s64 = t(q), t(k), t(v), sinks.detach().double().cpu().requires_grad_()
+    ref = _gpt_oss(q64, k64, v64, s64, _causal(s, s, window)).transpose(1, 2)
+    grad = torch.randn(ref.shape, device="cuda", dtype=torch.bfloat16)
+    want = [ref, *torch.autograd.grad(ref, (q64, k64, v64, s64), grad.double().cpu())]
+    want[1:4] = [w.transpose(1, 2) for w in want[1:4]]
+
+    def run(kernel):
+        out = R.attention(q, k, v, kernel=kernel, **kw)
+        return [out, *torch.autograd.grad(out, (q, k, v, sinks), grad)]
+
+    _check_every_kernel(f"sinks, window {window}: rel.err out dq dk dv dsinks", spec_for(q, k, v, **kw), run, want,
+                        TOL, require=("flash", "math") if window > 0 else ("cudnn", "flash", "efficient", "math"))
+
+
+def test_sinks_on_packed_sequences_on_cuda():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 200, 201, 520], dtype=torch.int32, device="cuda")
+    q = torch.randn(520, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(520, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(16, device="cuda", requires_grad=True)
+    kw = dict(layout="thd", cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=319, max_seqlen_k=319, is_causal=True,
+              sinks=sinks)
+    t = lambda x: x.detach().double().cpu().requires_grad_()
+    q64, k64, v64, s64 = t(q), t(k), t(v), t(sinks)
+    dense = lambda x, a, c: x[a:c].transpose(0, 1).unsqueeze(0)
+    offs = cu.tolist()
+    ref = torch.cat([_gpt_oss(dense(q64, a, c), dense(k64, a, c), dense(v64, a, c), s64, _causal(c - a, c - a))[0]
+                     .transpose(0, 1) for a, c in zip(offs, offs[1:])])
+    grad = torch.randn(ref.shape, device="cuda", dtype=torch.bfloat16)
+    want = [ref, *torch.autograd.grad(ref, (q64, k64, v64, s64), grad.double().cpu())]
+
+    def run(kernel):
+        out = R.attention(q, k, v, kernel=kernel, **kw)
+        return [out, *torch.autograd.grad(out, (q, k, v, sinks), grad)]
+
+    _check_every_kernel("packed sinks: rel.err out dq dk dv dsinks", spec_for(q, k, v, **kw), run, want, TOL,
+                        require=("flash", "math"))
+
+
+BIAS_SHAPES = {"t5": (1, 16, 256, 320), "alibi": (16, 1, 320)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", BIAS_SHAPES.values(), ids=BIAS_SHAPES.keys())
+def test_learned_bias_gradient_on_cuda(shape, dtype):
+    """A bias that requires grad, GQA (16 / 4 heads), causal: the kernels that return its gradient
+    (EFFICIENT, math) against SDPA in float64 on CPU; the policy picks EFFICIENT."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 16, 256, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 4, 320, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    bias = torch.randn(shape, device="cuda", requires_grad=True)  # float32, as models keep it
+    t = lambda x: x.detach().double().cpu().requires_grad_()
+    q64, k64, v64, b64 = t(q), t(k), t(v), t(bias)
+    band = torch.ones(256, 320, dtype=torch.bool).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, attn_mask=b64.masked_fill(~band, NEG),
+                                                           enable_gqa=True)
+    grad = torch.randn(ref.shape, device="cuda", dtype=dtype)
+    want = [ref, *torch.autograd.grad(ref, (q64, k64, v64, b64), grad.double().cpu())]
+
+    def run(kernel):
+        out = R.attention(q, k, v, bias, is_causal=True, kernel=kernel)
+        return [out, *torch.autograd.grad(out, (q, k, v, bias), grad)]
+
+    assert R.kernel_for(q, k, v, bias, is_causal=True) == "efficient"
+    _check_every_kernel(f"learned bias {tuple(shape)} {dtype}: rel.err out dq dk dv dbias",
+                        spec_for(q, k, v, bias, is_causal=True), run, want, TOL, require=("efficient", "math"))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, b: R.attention(q, k, v, b, is_causal=True), fullgraph=True)
+    out = compiled(q, k, v, bias)
+    for g, w in zip([out, *torch.autograd.grad(out, (q, k, v, bias), grad)], want):
+        assert rel_err(g, w) < TOL
+
+
+def _same_nans(got, want) -> float:
+    """Fails unless NaNs sit exactly where ``want`` has them; the relative error elsewhere."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert torch.equal(got.isnan(), want.isnan()), (int(got.isnan().sum()), int(want.isnan().sum()))
+    return rel_err(got.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("mode", ["nan", "nan_additive"])
+@pytest.mark.parametrize("case", ["mask_gqa", "band_only"])
+def test_nan_rows_on_every_cuda_kernel(case, mode):
+    """Rows that keep no key reproduce eager's NaNs (float64 on CPU) on every kernel that takes the
+    call: a bool or -inf additive padding mask with GQA, or bottom-right causal with Sq > Sk."""
+    torch.manual_seed(0)
+    b, hq, hkv, d = 2, 8, 2, 64
+    sq, sk = (128, 128) if case == "mask_gqa" else (160, 128)
+    q = torch.randn(b, hq, sq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, hkv, sk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    kw: dict = dict(empty_rows=mode)
+    if case == "mask_gqa":
+        keep = torch.ones(b, hq, sq, sk, dtype=torch.bool)
+        keep[0, 3, 5:9] = False  # four empty rows in batch 0, query head 3 (key/value head 1)
+        keep[1, :, :, :7] = False
+        mask = keep if mode == "nan" else torch.zeros(keep.shape).masked_fill(~keep, NEG).to(torch.bfloat16)
+        kw["attn_mask"] = mask.cuda()
+    else:
+        keep = _causal(sq, sk).expand(b, hq, sq, sk)
+        kw.update(is_causal=True, causal_align="bottom_right")
+    t = lambda x: x.detach().double().cpu().requires_grad_()
+    q64, k64, v64 = t(q), t(k), t(v)
+    s = q64 @ k64.repeat_interleave(hq // hkv, 1).transpose(-1, -2) * d ** -0.5
+    fill = torch.zeros(keep.shape, dtype=s.dtype).masked_fill(~keep, NEG)
+    s = s.masked_fill(~keep, NEG) if mode == "nan" else s + fill
+    ref = torch.softmax(s, -1) @ v64.repeat_interleave(hq // hkv, 1)
+    grad = torch.randn(ref.shape, device="cuda", dtype=torch.bfloat16)
+    want = [ref, *torch.autograd.grad(ref, (q64, k64, v64), grad.double().cpu())]
+    assert ref.isnan().any()
+    rows = []
+    for name, why_not in kernels.explain(spec_for(q, k, v, **kw)).items():
+        if why_not != "ok":
+            rows.append((name, "n/a", why_not))
+            continue
+        out = R.attention(q, k, v, kernel=name, **kw)
+        errs = [_same_nans(g, w) for g, w in zip([out, *torch.autograd.grad(out, (q, k, v), grad)], want)]
+        rows.append((name, "ok", " ".join(f"{e:.1e}" for e in errs)))
+        assert max(errs) < TOL, (name, errs)
+    _table(f"empty rows {case} {mode}: rel.err out dq dk dv (NaNs matched)", rows)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "fa4", "cudnn", "flash", "efficient"])
+def test_head_dim_of_any_stride_compiled_on_cuda(kernel):
+    """q/k/v viewed head-major over [B, S, D, H] memory, compiled with Inductor, on each kernel."""
+    kern = kernels.KERNELS.get(kernel)
+    if kern is not None and kern.available(torch.device("cuda")):
+        pytest.skip(kern.available(torch.device("cuda")))
+    torch.manual_seed(0)
+    hkv = 8 if kernel == "efficient" else 2
+    mk = lambda h: torch.randn(2, 256, 64, h, device="cuda", dtype=torch.bfloat16).permute(0, 3, 1, 2).requires_grad_()
+    q, k, v = mk(8), mk(hkv), mk(hkv)
+    assert q.stride(-1) == 8
+    align = "top_left" if kernel in ("cudnn", "efficient", "auto") else "bottom_right"
+    f = lambda q, k, v: R.attention(q, k, v, is_causal=True, causal_align=align, kernel=kernel)
+    t = lambda x: x.detach().double().cpu().requires_grad_()
+    q64, k64, v64 = t(q), t(k), t(v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, is_causal=True, enable_gqa=True)
+    grad = torch.randn(ref.shape, device="cuda", dtype=torch.bfloat16)
+    want = [ref, *torch.autograd.grad(ref, (q64, k64, v64), grad.double().cpu())]
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    errs = [rel_err(g, w) for g, w in zip([out, *torch.autograd.grad(out, (q, k, v), grad)], want)]
+    print(f"\nhead dim stride 8, compiled, kernel={kernel}: " + " ".join(f"{e:.1e}" for e in errs))
+    assert max(errs) < TOL
+
+
+def test_key_lengths_out_of_range_fail_on_the_device():
+    """seqused_k is range-checked by a device-side assert (no host sync); the assert poisons the CUDA
+    context, so it runs in a child process."""
+    import subprocess
+    import sys
+
+    code = ("import torch, attnopt.runtime_ops as R\n"
+            "q = torch.randn(2, 8, 1, 64, device='cuda', dtype=torch.bfloat16)\n"
+            "k = torch.randn(2, 8, 256, 64, device='cuda', dtype=torch.bfloat16)\n"
+            "R.attention(q, k, k, seqused_k=torch.tensor([17, {}], device='cuda', dtype=torch.int32))\n"
+            "torch.cuda.synchronize()\n")
+    ok = subprocess.run([sys.executable, "-c", code.format(256)], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-c", code.format(257)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert bad.returncode != 0 and "assert" in bad.stderr.lower(), bad.stderr[-2000:]

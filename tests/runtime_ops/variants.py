@@ -39,6 +39,7 @@ class Variant:
     seqlens: Optional[tuple[int, ...]] = None  # packed thd self-attention
     seqused: Optional[tuple[int, ...]] = None  # per-batch key lengths over a partly filled cache
     softcap: float = 0.0
+    heads_innermost: bool = False  # memory [..., D, H]: the head dim has stride H (view(B, S, D, H).permute(...))
 
     def scaled(self, **kw) -> "Variant":
         return dataclasses.replace(self, **kw)
@@ -70,6 +71,10 @@ VARIANTS = [
     Variant("kv_cache_decode", layout="bhsd", seqlen_q=1, seqlen_k=40, heads_q=8, heads_kv=2, seqused=(17, 40)),
     Variant("kv_cache_causal", seqlen_q=3, seqlen_k=40, heads_q=8, heads_kv=2, is_causal=True,
             causal_align="bottom_right", seqused=(9, 33)),
+    Variant("heads_innermost_bhsd", layout="bhsd", heads_q=8, heads_kv=2, is_causal=True, heads_innermost=True),
+    Variant("heads_innermost_mask_mla", dim_qk=48, mask="additive", heads_innermost=True),
+    Variant("heads_innermost_thd", layout="thd", seqlens=(5, 11, 16), heads_q=8, heads_kv=2, is_causal=True,
+            heads_innermost=True),
 ]
 # Softcapped scores (Gemma 2): only FA4 and the math kernel take them.
 SOFTCAP_VARIANTS = [
@@ -86,7 +91,15 @@ def make_inputs(v: Variant, dtype: torch.dtype, device: str, requires_grad: bool
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape):
+        if v.heads_innermost:  # the same shape over memory ordered [..., D, H]
+            return rnd_dim_major(shape)
         return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    def rnd_dim_major(shape):
+        h = -3 if v.layout == "bhsd" else -2
+        order = [i for i in range(len(shape)) if i != len(shape) + h] + [len(shape) + h]  # heads moved last
+        buf = torch.randn(*(shape[i] for i in order), generator=g).to(device=device, dtype=dtype)
+        return buf.permute(sorted(range(len(order)), key=order.__getitem__))
 
     kwargs: dict = dict(is_causal=v.is_causal, layout=v.layout, out_layout=v.out_layout,
                         causal_align=v.causal_align, window_size=v.window)

@@ -34,6 +34,10 @@ def _why_not(kernel: Kernel, spec: AttnSpec) -> str | None:
     if spec.seqused and not kernel.seqused_native:  # key lengths reach it as a mask
         spec = key_lengths_as_mask(spec)
     reason = kernel.available(spec.device)
+    if reason is None and spec.sinks and kernel.sinks is None:
+        reason = "no attention sinks"
+    if reason is None and spec.mask_grad and not kernel.mask_grad:
+        reason = "its backward returns no gradient for attn_mask (a learned bias)"
     if reason is None:
         reason = kernel.unsupported(spec)
     return reason

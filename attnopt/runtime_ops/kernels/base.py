@@ -1,8 +1,9 @@
 """What every attention kernel provides, and helpers they share.
 
-Kernels see q, k, v as [B, H, S, D] views of the caller's tensors (no copies) and return the
-output as a [B, Hq, Sq, Dv] tensor in whatever memory order they produce; the op then makes it
-contiguous in the requested output layout (free when the kernel already wrote that order).
+Kernels see q, k, v as [B, H, S, D] views of the caller's tensors (no copies; a head dim that is
+not unit-stride is copied first unless the kernel reads any strides) and return the output as a
+[B, Hq, Sq, Dv] tensor in whatever memory order they produce; the op then makes it contiguous in
+the requested output layout (free when the kernel already wrote that order).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from ..spec import AttnSpec, key_lengths_as_mask
 
-Grads = tuple[Tensor, Tensor, Tensor]
+# dq, dk, dv and, when the spec asks for it (``mask_grad``), the additive mask's gradient as [B, Hq, Sq, Sk]
+Grads = tuple[Tensor, Tensor, Tensor, Optional[Tensor]]
 
 
 class Kernel:
@@ -23,6 +25,12 @@ class Kernel:
     name: str = ""
     varlen_native: bool = False
     seqused_native: bool = False  # takes seqused_k itself; others get key lengths folded into the mask
+    strided_head_dim: bool = False  # reads a head dim of any stride; others get a unit-stride copy
+    # How it runs attention sinks: "native" (its forward takes ``sinks``); "lse" (the op folds them
+    # into out and lse after a forward without them, exactly). Either way the backward gets them
+    # through lse: every backward reads the probabilities from lse and rowsum(dO * O) from out.
+    sinks: Optional[str] = None
+    mask_grad: bool = False  # its backward returns the gradient of an additive mask
 
     def available(self, device: torch.device) -> Optional[str]:
         """None when usable on this device and install, else the reason it is not."""
@@ -33,7 +41,7 @@ class Kernel:
         return None
 
     def forward(self, spec: AttnSpec, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (out [B,Hq,Sq,Dv], lse [B,Hq,Sq] float32, rng_state)."""
+        """Return (out [B,Hq,Sq,Dv], lse [B,Hq,Sq] of ``spec.lse_dtype``, rng_state)."""
         raise NotImplementedError(self.name)
 
     def backward(

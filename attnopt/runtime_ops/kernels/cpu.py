@@ -1,9 +1,11 @@
 """torch's fused flash-attention kernel for CPU.
 
-It reads strided inputs in place and takes GQA natively (checked once per process, since older
-torch builds did not). It needs equal q/k and v head dims, so MLA-shaped calls get the smaller
-side zero-padded and the output trimmed; it has no dropout and no softcapping; bands other than
-top-left causal go in as an additive mask.
+It reads strided inputs in place (with a unit-stride head dim) and takes GQA natively (checked
+once per process, since older torch builds did not). It needs equal q/k and v head dims, so
+MLA-shaped calls get the smaller side zero-padded and the output trimmed; it has no dropout and no
+softcapping; bands other than top-left causal go in as an additive mask. Its backward reads the
+probabilities from lse, so attention sinks fold in after its forward; it returns no mask gradient.
+A row that keeps no key gets out 0 and lse 0.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def _native_gqa() -> bool:
 
 class CpuFlashKernel(Kernel):
     name = "cpu_flash"
+    sinks = "lse"
 
     def available(self, device):
         return None if device.type == "cpu" else "runs on CPU only"
@@ -67,4 +70,4 @@ class CpuFlashKernel(Kernel):
         d = max(spec.dim_qk, spec.dim_v)
         (qp, kp, vp), m, causal = self._args(spec, q, k, v, mask)
         dq, dk, dv = _bwd(pad_last(grad_out, d), qp, kp, vp, pad_last(out, d), lse, 0.0, causal, attn_mask=m, scale=spec.scale)
-        return dq[..., : spec.dim_qk], dk[..., : spec.dim_qk], dv[..., : spec.dim_v]
+        return dq[..., : spec.dim_qk], dk[..., : spec.dim_qk], dv[..., : spec.dim_v], None

@@ -7,10 +7,13 @@ log-sum-exp and RNG state and runs the matching backward without recomputing the
   sequences, per-batch key lengths over a KV cache (split-KV for a single query); equal head
   dims, no mask, and no dropout (its RNG state differs across torch versions; cuDNN and
   EFFICIENT serve dropout).
-- EFFICIENT (memory-efficient): q/k head dim != v head dim, masks, both causal alignments,
-  dropout; no GQA; operands are made contiguous BSHD (its backward needs that).
+- EFFICIENT (memory-efficient): q/k head dim != v head dim, masks and their gradient (learned
+  biases), both causal alignments (bottom-right only where keys are at least as many as
+  queries), dropout; GQA by repeating K/V into the copy it makes anyway
+  (operands are made contiguous BSHD: its backward needs that).
 
-None of them softcaps scores (FA4 and the math kernel do).
+None of them softcaps scores (FA4 and the math kernel do). Their backwards read the probabilities
+from lse and rowsum(dO * O) from out, so attention sinks fold in after a forward without them.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..spec import AttnSpec
-from .base import Grads, Kernel, additive, empty_rng
+from .base import Grads, Kernel, additive, band_mask, empty_rng
 from .math import backward_with_key_lengths
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -40,23 +43,30 @@ def same_order(t: Tensor, ref: Tensor) -> Tensor:
     return t.permute(order).contiguous().permute(inverse)
 
 
-def _bshd(t: Tensor) -> Tensor:
-    """[B, H, S, D] view -> contiguous [B, S, H, D] (copies unless already in that order)."""
-    return t.transpose(1, 2).contiguous()
+def _bshd(t: Tensor, heads: Optional[int] = None) -> Tensor:
+    """[B, H, S, D] view -> contiguous [B, S, H, D] (copies unless already in that order); with
+    ``heads``, each head repeated to that many (GQA: query head h reads head h // (heads // H))."""
+    t = t.transpose(1, 2)
+    if heads is None or heads == t.shape[2]:
+        return t.contiguous()
+    b, s, h, d = t.shape
+    return t.unsqueeze(3).expand(b, s, h, heads // h, d).reshape(b, s, heads, d)
 
 
 def _rng(seed: Tensor, offset: Tensor, device: torch.device) -> Tensor:
     return torch.stack([seed.reshape(()).to(device, torch.int64), offset.reshape(()).to(device, torch.int64)])
 
 
-def _cudnn_bias(mask: Optional[Tensor], spec: AttnSpec, dtype: torch.dtype) -> Optional[Tensor]:
-    """The mask as cuDNN's additive bias, as SDPA hands it over: rows 8-element aligned, and
-    broadcast to [B, Hq, Sq, Sk] as a view (a [B, 1, 1, Sk] key-padding mask stays Sk per batch)."""
+def _aligned_bias(mask: Optional[Tensor], spec: AttnSpec, dtype: torch.dtype) -> Optional[Tensor]:
+    """The mask as an additive bias, as SDPA hands it to cuDNN and EFFICIENT: rows dense and
+    8-element aligned, and broadcast to [B, Hq, Sq, Sk] as a view (a [B, 1, 1, Sk] key-padding
+    mask stays Sk per batch). EFFICIENT returns the bias gradient in that [B, Hq, Sq, Sk] shape."""
     bias = additive(mask, dtype)
     if bias is None:
         return None
     sk = spec.seqlen_k
-    if bias.shape[-2] > 1 and bias.stride(-2) % 8:
+    rows_unaligned = bias.dim() > 1 and bias.shape[-2] > 1 and bias.stride(-2) % 8
+    if bias.shape[-1] != sk or bias.stride(-1) != 1 or rows_unaligned:
         aligned = bias.new_zeros(*bias.shape[:-1], -(-sk // 8) * 8)
         aligned[..., :sk] = bias
         bias = aligned[..., :sk]
@@ -65,6 +75,7 @@ def _cudnn_bias(mask: Optional[Tensor], spec: AttnSpec, dtype: torch.dtype) -> O
 
 class CudnnKernel(Kernel):
     name = "cudnn"
+    sinks = "lse"
 
     def available(self, device):
         if _on_cuda(device):
@@ -78,12 +89,14 @@ class CudnnKernel(Kernel):
             return "no softcapping"
         if spec.dim_qk > 256 or spec.dim_v > 256 or spec.dim_qk % 8 or spec.dim_v % 8:
             return "head dims must be multiples of 8 up to 256"
+        if spec.seqlen_q == 1 and spec.seqlen_k == 1:
+            return "cuDNN takes no single query over a single key"
         if spec.has_band and not (spec.is_causal and spec.window[0] < 0 and spec.band_is_top_left()):
             return "only top-left causal masking (no windows, no bottom-right alignment)"
         return None
 
     def forward(self, spec, q, k, v, mask):
-        bias = _cudnn_bias(mask, spec, q.dtype)
+        bias = _aligned_bias(mask, spec, q.dtype)
         res = torch.ops.aten._scaled_dot_product_cudnn_attention.default(
             q, k, v, bias, True, spec.dropout_p, spec.is_causal, False, scale=spec.scale
         )
@@ -94,16 +107,17 @@ class CudnnKernel(Kernel):
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
         # The backward assumes out and grad_out laid out like the forward wrote out: q's order.
         out, grad_out = same_order(out, q), same_order(grad_out, q)
-        bias = _cudnn_bias(mask, spec, q.dtype)
+        bias = _aligned_bias(mask, spec, q.dtype)
         if spec.dropout_p > 0:
             seed, offset = rng_state[0], rng_state[1]
         else:
             seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
         # None reaches the kernel as an undefined tensor: "no bias", "not packed".
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default(
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default(
             grad_out, q, k, v, out, lse.unsqueeze(-1), seed, offset, bias,
             None, None, spec.seqlen_q, spec.seqlen_k, spec.dropout_p, spec.is_causal, scale=spec.scale,
         )
+        return dq, dk, dv, None
 
 
 def _rows(t: Tensor) -> tuple[Tensor, int]:
@@ -137,6 +151,7 @@ class FlashKernel(Kernel):
     name = "flash"
     varlen_native = True
     seqused_native = True
+    sinks = "lse"
 
     def available(self, device):
         if _on_cuda(device):
@@ -184,9 +199,10 @@ class FlashKernel(Kernel):
         causal, kw = self._window(spec)
         rng = unused = torch.empty(0, dtype=torch.int64, device=q.device)
         # None reaches the kernel as an undefined tensor: "not packed".
-        return torch.ops.aten._flash_attention_backward.default(
+        dq, dk, dv = torch.ops.aten._flash_attention_backward.default(
             do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, spec.dropout_p, causal, rng, unused, **kw,
         )
+        return dq, dk, dv, None
 
     def forward(self, spec, q, k, v, mask, seqused_k=None):
         if seqused_k is not None:
@@ -197,11 +213,11 @@ class FlashKernel(Kernel):
 
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask, seqused_k=None) -> Grads:
         if seqused_k is not None:
-            return backward_with_key_lengths(spec, grad_out, q, k, v, out, seqused_k)
+            return backward_with_key_lengths(spec, grad_out, q, k, v, out, lse, seqused_k)
         t = lambda x: x.transpose(1, 2)
-        dq, dk, dv = self._call_bwd(spec, t(grad_out), t(q), t(k), t(v), t(out), lse, None, None,
-                                    spec.seqlen_q, spec.seqlen_k, rng_state)
-        return t(dq), t(dk), t(dv)
+        dq, dk, dv, _ = self._call_bwd(spec, t(grad_out), t(q), t(k), t(v), t(out), lse, None, None,
+                                       spec.seqlen_q, spec.seqlen_k, rng_state)
+        return t(dq), t(dk), t(dv), None
 
     def _cache_forward(self, spec, q, k, v, seqused_k):
         """Queries over a partly filled cache: the packed entry point, which honours ``seqused_k``
@@ -225,6 +241,9 @@ class FlashKernel(Kernel):
 
 class EfficientKernel(Kernel):
     name = "efficient"
+    strided_head_dim = True  # copies its operands to contiguous BSHD
+    sinks = "lse"
+    mask_grad = True
 
     def available(self, device):
         return _on_cuda(device)
@@ -234,10 +253,10 @@ class EfficientKernel(Kernel):
             return "needs float16, bfloat16 or float32"
         if spec.softcap:
             return "no softcapping"
-        if spec.heads_q != spec.heads_kv:
-            return "no grouped-query attention"
         if spec.has_band and not (spec.is_causal and spec.window[0] < 0):
             return "no sliding windows"
+        if spec.has_band and not spec.band_is_top_left() and spec.seqlen_q > spec.seqlen_k:
+            return "its bottom-right causal band is wrong where queries outnumber keys (measured on the H200)"
         return None
 
     def _mask_type(self, spec: AttnSpec) -> int:
@@ -246,21 +265,18 @@ class EfficientKernel(Kernel):
         return 1 if spec.causal_align == "top_left" else 2
 
     def forward(self, spec, q, k, v, mask):
-        bias = additive(mask, q.dtype)
-        if bias is not None:
-            bias = bias.expand(spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
+        hq = spec.heads_q
         out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward.default(
-            _bshd(q), _bshd(k), _bshd(v), bias, None, None, spec.seqlen_q, spec.seqlen_k, spec.dropout_p,
-            self._mask_type(spec), True, scale=spec.scale,
+            _bshd(q), _bshd(k, hq), _bshd(v, hq), _aligned_bias(mask, spec, q.dtype), None, None, spec.seqlen_q,
+            spec.seqlen_k, spec.dropout_p, self._mask_type(spec), True, scale=spec.scale,
         )
         rng = _rng(seed, offset, q.device) if spec.dropout_p > 0 else empty_rng(q.device)
         return out.transpose(1, 2), lse[..., : spec.seqlen_q], rng
 
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
         t = lambda x: x.transpose(1, 2)
-        bias = additive(mask, q.dtype)
-        if bias is not None:
-            bias = bias.expand(spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
+        hq, hkv = spec.heads_q, spec.heads_kv
+        bias = _aligned_bias(mask, spec, q.dtype)
         pad = (-spec.seqlen_q) % 32
         lse_k = F.pad(lse, (0, pad)) if pad else lse
         # Outside CUDA-graph capture this kernel keeps its philox state on the host.
@@ -268,8 +284,15 @@ class EfficientKernel(Kernel):
             seed, offset = rng_state.cpu().unbind()
         else:
             seed = offset = torch.zeros((), dtype=torch.int64)
-        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward.default(
-            _bshd(grad_out), _bshd(q), _bshd(k), _bshd(v), bias, _bshd(out), None, None, spec.seqlen_q, spec.seqlen_k,
-            lse_k, spec.dropout_p, seed, offset, self._mask_type(spec), False, scale=spec.scale,
+        dq, dk, dv, dbias = torch.ops.aten._efficient_attention_backward.default(
+            _bshd(grad_out), _bshd(q), _bshd(k, hq), _bshd(v, hq), bias, _bshd(out), None, None, spec.seqlen_q,
+            spec.seqlen_k, lse_k, spec.dropout_p, seed, offset, self._mask_type(spec), spec.mask_grad, scale=spec.scale,
         )
-        return t(dq), t(dk), t(dv)
+        if hq != hkv:  # the repeated heads' gradients summed back onto their key/value head
+            dk, dv = (x.unflatten(2, (hkv, hq // hkv)).sum(3, dtype=torch.float32).to(x.dtype) for x in (dk, dv))
+        if not spec.mask_grad:
+            return t(dq), t(dk), t(dv), None
+        band = band_mask(spec, spec.seqlen_q, spec.seqlen_k, q.device)
+        if band is not None:  # the kernel skips blocks outside the causal band and leaves their gradient unwritten
+            dbias = dbias.masked_fill(~band, 0)
+        return t(dq), t(dk), t(dv), dbias

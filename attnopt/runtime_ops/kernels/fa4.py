@@ -1,7 +1,10 @@
 """FlashAttention-4 (``flash_attn.cute``), the fastest kernel measured on Hopper and Blackwell.
 
 GQA by head count, q/k head dim != v head dim, bottom-right causal and sliding windows, packed
-(thd) sequences, softcapping (forward and backward). No dropout and no explicit mask. Importing
+(thd) sequences, softcapping (forward and backward), attention sinks (``learnable_sink``: a
+per-head logit in natural-log units, not scaled, with no value, folded into the row's softmax
+denominator and its lse, exactly the op's ``sinks``; its backward reads them through that lse).
+No dropout and no explicit mask. Importing
 ``flash_attn.cute`` JIT-loads CuTe DSL and takes seconds, so it happens on first use, never at
 ``import attnopt``.
 """
@@ -32,6 +35,7 @@ class FA4Kernel(Kernel):
     name = "fa4"
     varlen_native = True
     seqused_native = True
+    sinks = "native"
 
     def available(self, device):
         if device.type != "cuda":
@@ -61,6 +65,8 @@ class FA4Kernel(Kernel):
         major, _ = torch.cuda.get_device_capability(spec.device)
         if spec.softcap and (major >= 12 or (major >= 10 and spec.dim_qk == spec.dim_v == 256)):
             return "its backward has no softcapping on sm120, nor for head dim 256 on sm100"
+        if spec.sinks and (major >= 12 or (major >= 10 and 256 in (spec.dim_qk, spec.dim_v))):
+            return "its learnable sinks run on sm90 and sm100/sm110, not with head dim 256 on sm100"
         if major == 9:  # FA4's sm90 rule, checked without importing it (that takes seconds)
             return None
         try:
@@ -77,35 +83,36 @@ class FA4Kernel(Kernel):
         return {"causal": False, "window_size_left": left if left >= 0 else None,
                 "window_size_right": right if right >= 0 else None}
 
-    def forward(self, spec, q, k, v, mask, seqused_k=None):
+    def forward(self, spec, q, k, v, mask, seqused_k=None, sinks=None):
         t = lambda x: x.transpose(1, 2)
         out, lse, *_ = _interface()._flash_attn_fwd(
             t(q), t(k), t(v), softmax_scale=spec.scale, softcap=spec.softcap, return_lse=True, seqused_k=seqused_k,
-            **self._window(spec),
+            learnable_sink=sinks, **self._window(spec),
         )
         return out.transpose(1, 2), lse, empty_rng(q.device)
 
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask, seqused_k=None) -> Grads:
         if seqused_k is not None:
-            return backward_with_key_lengths(spec, grad_out, q, k, v, out, seqused_k)
+            return backward_with_key_lengths(spec, grad_out, q, k, v, out, lse, seqused_k)
         t = lambda x: x.transpose(1, 2)
         w = self._window(spec)
         dq, dk, dv = _interface()._flash_attn_bwd(
             t(q), t(k), t(v), t(out), t(grad_out), lse, spec.scale, w.pop("causal"), spec.softcap, **w
         )[:3]
-        return t(dq), t(dk), t(dv)
+        return t(dq), t(dk), t(dv), None
 
-    def forward_varlen(self, spec, q, k, v, cu_q, cu_k):
+    def forward_varlen(self, spec, q, k, v, cu_q, cu_k, sinks=None):
         out, lse, *_ = _interface()._flash_attn_fwd(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=spec.seqlen_q,
             max_seqlen_k=spec.seqlen_k, softmax_scale=spec.scale, softcap=spec.softcap, return_lse=True,
-            **self._window(spec),
+            learnable_sink=sinks, **self._window(spec),
         )
         return out, lse, empty_rng(q.device)
 
     def backward_varlen(self, spec, grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k) -> Grads:
         w = self._window(spec)
-        return _interface()._flash_attn_bwd(
+        dq, dk, dv = _interface()._flash_attn_bwd(
             q, k, v, out, grad_out, lse, spec.scale, w.pop("causal"), spec.softcap, cu_seqlens_q=cu_q,
             cu_seqlens_k=cu_k, max_seqlen_q=spec.seqlen_q, max_seqlen_k=spec.seqlen_k, **w,
         )[:3]
+        return dq, dk, dv, None

@@ -1,5 +1,6 @@
 """Reference attention with an explicit softmax in float32 (float64 for float64 inputs):
-every feature (softcapping included), any device.
+every feature (softcapping, attention sinks, the gradient of an additive mask included), any
+device, any strides.
 
 Used as the last resort and as the reference the tests compare fused kernels against. GQA is
 computed by grouping query heads ([B, Hkv, R, S, D] views), so K and V are never repeated.
@@ -27,6 +28,9 @@ def _grouped(t: Tensor, groups: int) -> Tensor:
 
 class MathKernel(Kernel):
     name = "math"
+    strided_head_dim = True
+    sinks = "native"
+    mask_grad = True
 
     def _scores(self, spec: AttnSpec, q: Tensor, k: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Scaled scores [B, Hq, Sq, Sk], softcapped when asked, and the softcap's derivative
@@ -39,16 +43,30 @@ class MathKernel(Kernel):
         t = torch.tanh(s / spec.softcap)
         return t * spec.softcap, 1 - t * t
 
-    def _probs(self, spec: AttnSpec, q: Tensor, k: Tensor,
-               mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Probabilities, log-sum-exp and the softcap's derivative (see ``_scores``)."""
+    def _probs(self, spec: AttnSpec, q: Tensor, k: Tensor, mask: Optional[Tensor], sinks: Optional[Tensor] = None,
+               lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Probabilities, log-sum-exp and the softcap's derivative (see ``_scores``). The sinks'
+        logits join the log-sum-exp; a given log-sum-exp (a forward's, sinks folded in) is used as is.
+
+        The probabilities are the row's softmax (max subtracted, as eager computes it), scaled by
+        exp(lse(scores) - lse) for the sinks' share: not exp(scores - lse), which a row whose
+        scores all carry a finite fill such as finfo.min (lse rounds to the fill) turns into 1 for
+        every key instead of the average eager takes. Rows that keep no key (log-sum-exp -inf, or
+        +inf from FlashAttention) get probabilities 0."""
         s, dcap = self._scores(spec, q, k)
         m = full_mask(spec, mask, q.shape[2], k.shape[2], q.device)
         if m is not None:
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + _acc(m)
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.unsqueeze(-1))
-        p = torch.where(torch.isneginf(lse).unsqueeze(-1), torch.zeros_like(p), p)
+        own = torch.logsumexp(s, dim=-1)
+        if lse is None:
+            lse = own
+            if sinks is not None:
+                lse = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None])
+        total = _acc(lse)
+        keeps = torch.isfinite(own) & torch.isfinite(total)
+        share = torch.where(keeps, torch.exp(own - torch.where(keeps, total, own)), torch.zeros_like(own))
+        p = torch.softmax(s, dim=-1) * share.unsqueeze(-1)
+        p = torch.where(keeps.unsqueeze(-1), p, torch.zeros_like(p))
         return p, lse, dcap
 
     def _dropout_keep(self, spec: AttnSpec, rng_state: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
@@ -56,8 +74,8 @@ class MathKernel(Kernel):
         gen.manual_seed(int(rng_state[0]))
         return torch.rand(shape, generator=gen, device=device) >= spec.dropout_p
 
-    def forward(self, spec, q, k, v, mask):
-        p, lse, _ = self._probs(spec, q, k, mask)
+    def forward(self, spec, q, k, v, mask, sinks=None):
+        p, lse, _ = self._probs(spec, q, k, mask, sinks)
         rng = empty_rng(q.device)
         if spec.dropout_p > 0:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -68,7 +86,7 @@ class MathKernel(Kernel):
 
     def backward(self, spec, grad_out, q, k, v, out, lse, rng_state, mask) -> Grads:
         hkv = spec.heads_kv
-        p, _, dcap = self._probs(spec, q, k, mask)
+        p, _, dcap = self._probs(spec, q, k, mask, lse=lse)
         do = _acc(grad_out)
         dp = torch.matmul(_grouped(do, hkv), _acc(v).unsqueeze(2).transpose(-1, -2)).flatten(1, 2)
         pd = p
@@ -77,20 +95,21 @@ class MathKernel(Kernel):
             pd, dp = p * keep, dp * keep
         dv = torch.matmul(_grouped(pd, hkv).transpose(-1, -2), _grouped(do, hkv)).sum(2)
         delta = (do * _acc(out)).sum(-1, keepdim=True)
-        ds = p * (dp - delta)
+        ds = p * (dp - delta)  # the gradient of the masked scores, which is an additive mask's
+        dmask = ds if spec.mask_grad else None
         if dcap is not None:
             ds = ds * dcap
         ds = ds * spec.scale
         dq = torch.matmul(_grouped(ds, hkv), _acc(k).unsqueeze(2)).flatten(1, 2)
         dk = torch.matmul(_grouped(ds, hkv).transpose(-1, -2), _grouped(_acc(q), hkv)).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
 
 
 def backward_with_key_lengths(spec: AttnSpec, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                              seqused_k: Tensor) -> Grads:
+                              lse: Tensor, seqused_k: Tensor) -> Grads:
     """The backward of a fused kernel's forward over a partly filled cache, recomputed in the
-    math kernel with the key lengths as a mask: the fused backwards take no key lengths (FA2's)
-    or get them wrong (FA4 4.0.0b36, measured on the H100). Key lengths are lowered for
-    inference, so this serves only direct calls that train through a cache."""
+    math kernel (from the forward's lse) with the key lengths as a mask: the fused backwards take
+    no key lengths (FA2's) or get them wrong (FA4 4.0.0b36, measured on the H100). Key lengths are
+    lowered for inference, so this serves only direct calls that train through a cache."""
     spec, mask = fold_key_lengths(spec, None, seqused_k)
-    return MathKernel().backward(spec, grad_out, q, k, v, out, None, empty_rng(q.device), mask)
+    return MathKernel().backward(spec, grad_out, q, k, v, out, lse, empty_rng(q.device), mask)
