@@ -5,8 +5,9 @@ import copy
 import warnings
 from typing import Union
 
+import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import TensorArgument
+from torch.export.graph_signature import InputKind, TensorArgument
 from torch.fx import GraphModule
 
 from .passes import PassResult, optimize_graph
@@ -42,6 +43,17 @@ def _keep_output_names(gm: GraphModule, ep: ExportedProgram, result: PassResult)
     gm.recompile()
 
 
+def _scalar_constants(ep: ExportedProgram) -> dict[str, torch.Tensor]:
+    """The one-element tensor constants export lifted to inputs (``torch.tensor(0.0)`` in a model),
+    by placeholder name: a mask built as ``where(keep, torch.tensor(0.0), fill)`` reads one."""
+    out = {}
+    for spec in ep.graph_signature.input_specs:
+        value = ep.constants.get(spec.target) if spec.kind == InputKind.CONSTANT_TENSOR else None
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[spec.arg.name] = value
+    return out
+
+
 def _program(ep: ExportedProgram, gm: GraphModule) -> ExportedProgram:
     """A new program around ``gm`` with ``ep``'s signature, parameters and constants (shared, not
     copied). The module call graph is copied but its TreeSpecs are shared: they are immutable,
@@ -70,7 +82,8 @@ def optimize(ep: ExportedProgram, *, kernel: str = "auto", strict: bool = False,
         raise TypeError(f"attnopt.optimize expects a torch.export.ExportedProgram, got {type(ep).__name__}")
     check_target(target, kernel)
     check_kernel(kernel, "attnopt.optimize")
-    gm, result = optimize_graph(ep.graph_module, kernel=kernel, strict=strict, target=target)
+    gm, result = optimize_graph(ep.graph_module, kernel=kernel, strict=strict, target=target,
+                                constants=_scalar_constants(ep))
     if result.error is None:
         try:
             _keep_output_names(gm, ep, result)

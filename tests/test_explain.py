@@ -99,19 +99,17 @@ def test_sites_of_one_module_are_numbered_the_same_under_compile_and_export():
 
 @pytest.mark.parametrize("fields, action, cell", [
     ({}, "none", "none"),
-    ({"mask": "k - q <= 0: mask removed", "is_causal": True}, "flags", "removed: is_causal"),
-    ({"mask": "k - q <= 0 and q - k < 4: mask removed", "is_causal": True, "window": (3, 0)}, "flags",
-     "removed: window_size"),
-    ({"mask": "all true: mask removed"}, "removed", "removed"),
-    ({"mask": "x: mask removed, documents run as packed sequences (thd)"}, "thd", "removed: varlen (thd)"),
-    ({"mask": "x: mask removed, chunks run as batches"}, "batches", "removed: chunks as batches"),
-    ({"mask": "x: dense mask removed, key padding passed as a [B, 1, 1, Sk] mask", "has_mask": True}, "key_padding",
-     "key padding [B,1,1,Sk]"),
-    ({"mask": "x: mask removed, keys limited per batch (seqused_k)"}, "key_lengths", "removed: key lengths"),
-    ({"mask": "x: kept as an explicit mask (chunks need a static length)", "has_mask": True}, "kept", "kept"),
-    ({"has_mask": True}, "kept", "kept"),  # a site left as written with its mask
-    ({"mask_action": "thd", "mask": "whatever the note says"}, "thd", "removed: varlen (thd)"),
     ({"mask_action": "flags", "is_causal": True}, "flags", "removed: is_causal"),
+    ({"mask_action": "flags", "is_causal": True, "window": (3, 0)}, "flags", "removed: window_size"),
+    ({"mask_action": "flags"}, "flags", "removed"),  # an all-true mask
+    ({"mask_action": "thd"}, "thd", "removed: varlen (thd)"),
+    ({"mask_action": "batches"}, "batches", "removed: chunks as batches"),
+    ({"mask_action": "key_padding", "has_mask": True}, "key_padding", "key padding [B,1,1,Sk]"),
+    ({"mask_action": "key_lengths"}, "key_lengths", "removed: key lengths"),
+    ({"mask_action": "cache_lengths"}, "cache_lengths", "removed: key lengths"),
+    ({"mask_action": "flex", "has_mask": True}, "flex", "flex_attention"),
+    ({"mask_action": "kept", "has_mask": True}, "kept", "kept"),
+    ({"has_mask": True}, "kept", "kept"),  # a site left as written with its mask
 ])
 def test_mask_column_says_what_became_of_the_mask(fields, action, cell):
     """From the passes' typed ``mask_action`` when they set it, from their note otherwise."""
@@ -217,11 +215,11 @@ class LearnedBias(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
 
 
-def test_learned_bias_is_left_as_written_in_a_real_model():
+def test_learned_bias_is_lowered_in_a_real_model():
     q = torch.randn(B, HQ, S, D)
     report = attnopt.explain(LearnedBias(), q, q, q)
     (row,) = report.rows
-    assert row.site.status == "skipped" and "requires grad" in row.site.reason
+    assert row.site.status == "lowered" and row.site.mask_action == "kept"
     assert row.site.has_mask and row.file.endswith("test_explain.py")
 
 

@@ -1,4 +1,4 @@
-"""Whether a graph tensor may require grad, at either IR level."""
+"""What a graph tensor may be, at either IR level: one that requires grad, one that masks."""
 from __future__ import annotations
 
 import torch
@@ -32,4 +32,38 @@ def may_require_grad(node: Node) -> bool:
     return False
 
 
-__all__ = ["may_require_grad"]
+_FILL = 1e4  # a constant at least this negative (or this large) is a masking fill: -10000, finfo.min, -inf
+
+
+def _masking_constant(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) >= _FILL
+
+
+def may_mask(node: Node) -> bool:
+    """An additive tensor may hold masking values (a fill so large it swamps the scores), unless
+    it is a plain bias: floating values computed only from parameters (graph inputs that require
+    grad), integer indices into them and modest constants (T5's learned position bias, ALiBi's
+    slopes). A floating user input, a bool turned into floats, or a fill constant may mask."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr"):
+            if not meta(n).requires_grad:
+                return True
+            continue
+        constants = [a for a in torch.utils._pytree.tree_leaves((n.args, n.kwargs)) if not isinstance(a, Node)]
+        if any(_masking_constant(a) for a in constants):
+            return True
+        for a in n.all_input_nodes:
+            value = meta(a)
+            if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+                return True
+            if _floating(a):
+                stack.append(a)
+    return False
+
+
+__all__ = ["may_mask", "may_require_grad"]

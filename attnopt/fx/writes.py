@@ -141,7 +141,11 @@ class Writes:
                 first = by_dtype.setdefault(getattr(value, "dtype", None), n)
                 self._union(n, first)
         for n in graph.nodes:
-            if _may_alias_inputs(n) and _carries_memory(n):
+            written = written_args(n, owner)
+            if written:  # an in-place op returns (an alias of) what it writes, nothing else
+                for a in written:
+                    self._union(n, a)
+            elif _may_alias_inputs(n) and _carries_memory(n):
                 for a in n.all_input_nodes:
                     if _carries_memory(a):
                         self._union(n, a)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import sympy
 import torch
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 from ..fx.normalize import meta, op_name, same
 
@@ -138,19 +138,22 @@ class Interpretation:
     """The mask's value and what the proof read: ``spans`` maps every node the value depends on
     to the last node (in graph order) that reads it within the mask subgraph, and ``leaves`` the
     sympy functions standing for graph inputs, and ``documents`` those standing for document ids
-    cut from a position input."""
+    cut from a position input. For a flex ``mask_mod``, ``buffers`` are the graph values its
+    extra arguments are bound to (leaves like graph inputs: their values are read at the call)."""
 
     value: Value
     spans: dict[Node, Node]
     leaves: dict[Any, Node] = field(default_factory=dict)
     documents: dict[Any, Node] = field(default_factory=dict)
+    buffers: tuple[Node, ...] = ()
 
 
 class _Interpreter:
-    def __init__(self) -> None:
+    def __init__(self, bound: Optional[dict[Node, Node]] = None) -> None:
         self.env: dict[Node, Value] = {}
         self.leaves: dict[Any, Node] = {}
         self.documents: dict[Any, Node] = {}
+        self.bound = bound or {}  # a mask_mod's buffer placeholders -> the graph values they stand for
 
     def value(self, x: Any, like: Optional[torch.dtype] = None) -> Value:
         if isinstance(x, Node):
@@ -172,6 +175,11 @@ class _Interpreter:
         if node.op not in ("call_function", "call_method"):
             raise Unproven(f"{node.op} {node.name}")
         v = meta(node)
+        if isinstance(v, torch.SymInt):  # a size computed in the graph (Sk - Sq under dynamic shapes)
+            expr = v.node.expr
+            if not expr.is_Integer:
+                raise Unproven(f"{node.name} is the size {expr}, known only at run time")
+            return Value(sympy.Integer(int(expr)), (), torch.int64, int(expr), int(expr))
         if not isinstance(v, torch.Tensor):
             raise Unproven(f"{node.name} has no tensor metadata")
         name, shape, dtype = op_name(node), tuple(v.shape), v.dtype
@@ -205,6 +213,7 @@ class _Interpreter:
         if not isinstance(v, torch.Tensor):
             raise Unproven(f"{node.name} has no tensor metadata")
         shape = tuple(v.shape)
+        node = self.bound.get(node, node)
         f = sympy.Function(f"in_{node.name}", integer=not v.dtype.is_floating_point)
         self.leaves[f] = node
         expr = f(*I[: len(shape)]) if shape else f(sympy.Integer(0))
@@ -397,6 +406,13 @@ class _Interpreter:
             return self._advanced(x, list(index), shape)
         return self._basic(x, index, shape)
 
+    def wrapped_index(self, node: Node, shape: tuple, dtype: torch.dtype) -> Value:
+        """``flat_apply(spec, ModIndex, "...ModIndex", x, *indices)``: export's spelling of ``x[indices]``
+        inside a flex mask_mod (an autograd.Function that indexes with ``aten.index``)."""
+        if len(node.args) < 5 or not str(node.args[2]).endswith(".ModIndex"):
+            raise Unproven(f"{node.name} ({op_name(node)}) applies something other than an index")
+        return self._advanced(self.value(node.args[3]), list(node.args[4:]), shape)
+
     def _basic(self, x: Value, index: tuple, shape: tuple) -> Value:
         if Ellipsis in index:
             e = index.index(Ellipsis)
@@ -493,6 +509,14 @@ class _Interpreter:
         return Value(doc(*I[:2]), shape, dtype, 0, shape[1] if isinstance(shape[1], int) else None)
 
 
+    def absolute(self, node: Node, shape: tuple, dtype: torch.dtype) -> Value:
+        x = self.value(node.args[0])
+        if not x.is_int and not _exact(x):
+            raise Unproven(f"{node.name} (abs) of {x.dtype}")
+        lo, hi = _bounds(x)
+        top = None if lo is None or hi is None else max(abs(lo), abs(hi))
+        return Value(sympy.Abs(_as_number(x, shape)), shape, dtype, 0, top)
+
     def band(self, node: Node, shape: tuple, dtype: torch.dtype) -> Value:
         """``triu``/``tril``: the elements on and above (below) the ``diagonal``-th diagonal of the
         last two dims, zero elsewhere."""
@@ -550,10 +574,10 @@ def _document_starts(x: Value, shape: tuple, leaves: dict) -> Optional[Node]:
 
 
 _HANDLERS: dict[str, Callable] = {"arange": _Interpreter.arange, "diff": _Interpreter.diff,
-                                  "triu": _Interpreter.band, "tril": _Interpreter.band,
+                                  "triu": _Interpreter.band, "tril": _Interpreter.band, "abs": _Interpreter.absolute,
                                   "cumsum": _Interpreter.cumsum, "where": _Interpreter.where,
                                   "masked_fill": _Interpreter.masked_fill, "expand": _Interpreter.expand,
-                                  "unsqueeze": _Interpreter.unsqueeze}
+                                  "unsqueeze": _Interpreter.unsqueeze, "flat_apply": _Interpreter.wrapped_index}
 for _n in ("zeros", "zeros_like", "new_zeros", "new_ones", "ones", "ones_like", "full", "full_like", "new_full"):
     _HANDLERS[_n] = _Interpreter.filled
 for _n in ("view", "reshape", "_unsafe_view"):
@@ -586,9 +610,42 @@ def interpret(mask: Node) -> Interpretation:
     return Interpretation(value, spans, interp.leaves, interp.documents)
 
 
+MASK_MOD_INDICES = ("b", "h", "q_idx", "kv_idx")
+_J = [sympy.Symbol(f"j_{name}", integer=True, nonnegative=True) for name in MASK_MOD_INDICES]
+
+
+def interpret_mask_mod(graph: Graph, sizes: tuple, buffers: Sequence[Node]) -> Interpretation:
+    """The value of a flex ``mask_mod`` graph as a [B, H, Sq, Sk] bool mask; raises Unproven.
+
+    Its first four placeholders are (b, h, q_idx, kv_idx): int32 scalars bound to the mask's
+    indices, within ``sizes``; the others stand for ``buffers``, the graph values the call passes
+    (leaves, as graph inputs are for a tensor mask). The indices get symbols of their own while the
+    graph runs, so that tensors it builds along the way keep i0, i1, ... for their own axes.
+    """
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if len(placeholders) != 4 + len(buffers):
+        raise Unproven(f"mask_mod takes {len(placeholders)} arguments, not 4 indices and {len(buffers)} buffers")
+    interp = _Interpreter(dict(zip(placeholders[4:], buffers)))
+    for p, symbol, size in zip(placeholders, _J, sizes):
+        v = meta(p)
+        if not isinstance(v, torch.Tensor) or v.dim() != 0 or v.dtype not in (torch.int32, torch.int64):
+            raise Unproven(f"mask_mod index {p.name} is not an integer scalar")
+        top = _INT_RANGE[v.dtype][1]
+        interp.env[p] = Value(symbol, (), v.dtype, 0, min(size - 1, top) if isinstance(size, int) else top)
+    (output,) = graph.find_nodes(op="output")
+    result = output.args[0]
+    result = result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result
+    value = interp.value(result)
+    if value.shape != () or not value.is_bool or sympy.sympify(value.expr).free_symbols & set(I):
+        raise Unproven("mask_mod does not return a bool scalar")
+    expr = sympy.sympify(value.expr).xreplace(dict(zip(_J, I)))
+    return Interpretation(Value(expr, tuple(sizes), torch.bool), {}, interp.leaves, interp.documents, tuple(buffers))
+
+
 def _order(anchor: Node) -> Callable[[Node], int]:
     index = {n: i for i, n in enumerate(anchor.graph.nodes)}
     return lambda n: index.get(n, -1)
 
 
-__all__ = ["I", "Interpretation", "Unproven", "Value", "boolean", "interpret"]
+__all__ = ["I", "MASK_MOD_INDICES", "Interpretation", "Unproven", "Value", "boolean", "interpret",
+           "interpret_mask_mod"]

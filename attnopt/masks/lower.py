@@ -14,6 +14,7 @@ from torch.fx import GraphModule, Node
 
 from ..fx import Builder, written_args
 from ..fx.normalize import meta, same
+from .blocks import check_runs
 from .plan import MaskPlan
 
 aten = torch.ops.aten
@@ -97,16 +98,28 @@ def document_offsets(build: Builder, plan: MaskPlan) -> Node:
     is empty sequences: no data-dependent shape anywhere. Built once per graph and plan (the first
     site's offsets precede the rest): every layer then passes the op the same tensor, whose
     offsets the op checks on the host once.
+
+    Document ids (``plan.document_ids``: [B, S], or [S] for a batch of one) cut where the id
+    changes, which is their documents only when each id is one run of its row: checked on the device.
     """
     positions = plan.documents
     tag = ("document_offsets", positions, plan.chunk, plan.chunk_positions)
     for node in build.graph.nodes:
         if node.meta.get("attnopt_made") == tag:
             return node
+    if plan.document_ids:
+        check_runs(build, positions)
+        if meta(positions).dim() == 1:
+            positions = build(aten.unsqueeze.default, positions, 0)
+    if plan.batch is not None and not same(meta(positions).shape[0], plan.batch):  # [1, S] for every row
+        positions = build(aten.expand.default, positions, [plan.batch, -1])
     b, s = meta(positions).shape
     prev = build(aten.slice.Tensor, positions, 1, 0, -1)
     nxt = build(aten.slice.Tensor, positions, 1, 1)
-    jump = build(aten.ne.Scalar, build(aten.sub.Tensor, nxt, prev), 1)
+    if plan.document_ids:
+        jump = build(aten.ne.Tensor, nxt, prev)
+    else:
+        jump = build(aten.ne.Scalar, build(aten.sub.Tensor, nxt, prev), 1)
     if plan.chunk is not None:
         if plan.chunk_positions:
             bucket = build(aten.floor_divide.default, positions, plan.chunk)

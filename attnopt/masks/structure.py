@@ -7,6 +7,9 @@ A proven mask is a conjunction of terms over (batch b, query q, key k), each one
   P[b, k] // C`` (Llama 4's chunks in packed batches);
 - documents: ``doc[b, q] == doc[b, k]``, document ids cut from a [B, S] position input where it
   does not step by exactly +1 (what transformers builds for packed batches);
+- document ids: ``ids[b, q] == ids[b, k]`` (or ``ids[q] == ids[k]``) for an integer input
+  (torchtitan's flex document mask). That is packed documents only where each id is one
+  contiguous run of its row, which nothing here proves: a lowering checks it at run time;
 - key padding: ``pad[b, k] != 0`` for a [B, >= Sk] input;
 - a key limit ``k < P[q] + e`` (a decode query's position), or a cache offset ``k - q <= L + c``
   (queries after L cached tokens, L a one-element input);
@@ -92,6 +95,7 @@ class MaskStructure:
     chunk: Optional[int] = None
     chunk_positions: Optional[Node] = None  # the chunks are over P[b, q] // C, not q // C
     documents: Optional[Node] = None  # [B, S] positions whose steps other than +1 start documents
+    document_ids: Optional[Node] = None  # [B, S] or [S] integer ids: same id, same document
     padding: Optional[Node] = None  # [B, >= Sk] keep-mask over keys (nonzero = keep)
     key_limit: Optional[KeyLimit] = None
     cache_offset: Optional[CacheOffset] = None
@@ -100,8 +104,14 @@ class MaskStructure:
 
     def terms(self) -> set[str]:
         """The kinds of terms present, besides the band."""
-        names = ("chunk", "documents", "padding", "key_limit", "cache_offset")
+        names = ("chunk", "documents", "document_ids", "padding", "key_limit", "cache_offset")
         return {n for n in names if getattr(self, n) is not None} | ({"never"} if self.never else set())
+
+    def inputs(self) -> list[Node]:
+        """The graph values the terms read (a lowering that rebuilds the mask reads them at the call)."""
+        nodes = (self.band_positions, self.chunk_positions, self.documents, self.document_ids, self.padding,
+                 self.key_limit and self.key_limit.positions, self.cache_offset and self.cache_offset.length)
+        return list(dict.fromkeys(n for n in nodes if n is not None))
 
     def with_band(self, band: Band) -> "MaskStructure":
         return replace(self, band=self.band & band)
@@ -220,15 +230,22 @@ class _Classifier:
         self.q, self.k = I[rank - 2], I[rank - 1]
         self.b = I[0] if rank == 4 else None
         self.documents = interp.documents
-        inputs = {f: n for f, n in interp.leaves.items() if n.op == "placeholder"}
+        inputs = {f: n for f, n in interp.leaves.items() if n.op == "placeholder" or n in interp.buffers}
         self.pads = {f: n for f, n in inputs.items() if meta(n).dim() == 2}
         self.limits = {f: n for f, n in inputs.items() if meta(n).dim() == 1 and not meta(n).dtype.is_floating_point}
         self.scalars = {f: n for f, n in inputs.items() if meta(n).numel() == 1 and meta(n).dim() <= 1
                         and not meta(n).dtype.is_floating_point and meta(n).dtype != torch.bool}
         self.position_funcs: dict[Any, Node] = dict(interp.leaves)
+        self.ids = {f: n for f, n in inputs.items() if meta(n).dim() in (1, 2) and not meta(n).dtype.is_floating_point
+                    and meta(n).dtype != torch.bool}
 
     def add(self, atom: Any, s: MaskStructure) -> MaskStructure:
         q, k, b = self.q, self.k, self.b
+        if isinstance(atom, (sympy.Le, sympy.Lt)) and isinstance(atom.lhs, sympy.Abs):  # |x| <= c: -c <= x <= c
+            x = atom.lhs.args[0]
+            return self.add(atom.func(-atom.rhs, x), self.add(atom.func(x, atom.rhs), s))
+        if isinstance(atom, (sympy.Ge, sympy.Gt)) and isinstance(atom.rhs, sympy.Abs):
+            return self.add(atom.reversed, s)
         if atom == sympy.true:
             return s
         if atom == sympy.false:
@@ -286,12 +303,28 @@ class _Classifier:
                 s.documents = node
                 s.atoms.append(f"same document ({node.name})")
                 return s
+            node = self._document_ids(lhs, rhs)
+            if node is not None and s.document_ids in (None, node):
+                s.document_ids = node
+                s.atoms.append(f"same document id ({node.name})")
+                return s
         if isinstance(atom, sympy.Ne) and atom.rhs == 0 and isinstance(atom.lhs, sympy.core.function.AppliedUndef) \
-                and atom.lhs.func in self.pads and b is not None and atom.lhs.args == (b, k) and s.padding is None:
+                and atom.lhs.func in self.pads and b is not None and s.padding is None \
+                and (atom.lhs.args == (b, k) or atom.lhs.args == (0, k) and same(meta(self.pads[atom.lhs.func]).shape[0], 1)):
+            # (0, k): a [1, Sk] padding input, its batch index dropped as a broadcast
             s.padding = self.pads[atom.lhs.func]
             s.atoms.append(f"key padding ({s.padding.name})")
             return s
         raise Unproven(f"mask term {atom}")
+
+    def _document_ids(self, lhs: Any, rhs: Any) -> Optional[Node]:
+        """The input ``ids`` when ``lhs == rhs`` reads ``ids[b, q] == ids[b, k]`` (or ``ids[q] == ids[k]``)."""
+        q, k, b = self.q, self.k, self.b
+        if not (isinstance(lhs, sympy.core.function.AppliedUndef) and lhs.func == rhs.func and lhs.func in self.ids):
+            return None
+        node = self.ids[lhs.func]
+        pairs = {((b, q), (b, k)), ((b, k), (b, q))} if meta(node).dim() == 2 else {((q,), (k,)), ((k,), (q,))}
+        return node if b is not None and (lhs.args, rhs.args) in pairs else None
 
 
 def structure_of(interp: Interpretation, negate: bool = False) -> MaskStructure:

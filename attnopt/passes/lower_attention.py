@@ -73,8 +73,10 @@ def _mask_kwargs(build: Builder, site: AttentionSite) -> dict[str, Any]:
                                                     _size(site.key, "s"))
     elif plan.action == "cache_lengths":
         kwargs["seqused_k"] = masks.cache_lengths(build, plan, site.query.source, site.query.dims)
-    if site.empty_rows != "zero" and not plan.rows_keep_a_key:
+    if site.empty_rows != "zero":  # eager's NaNs for rows that keep no key, or whose query is NaN
         kwargs["empty_rows"] = site.empty_rows
+    if site.mask_fill is not None and site.mask_fill != float("-inf"):  # masked_fill(m, -10000.0)
+        kwargs["mask_fill"] = site.mask_fill
     return kwargs
 
 
@@ -94,6 +96,8 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
         kwargs["scale"] = site.scale
     if site.softcap:
         kwargs["softcap"] = site.softcap
+    if site.sinks is not None:
+        kwargs["sinks"] = site.sinks
     if kernel != "auto":
         kwargs["kernel_name"] = kernel
     build = Builder(gm, site.node)
@@ -116,8 +120,9 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
             out = build(aten.reshape.default, out, [b, s, *heads_dim])
             if out_use.layout != "bshd":
                 out = build(aten.permute.default, out, ["bshd".index(a) for a in out_use.layout])
-        if len(meta(out_use.node).shape) == 3:  # a [B*H, Sq, Dv] product (bmm): merge the contiguous B, H
-            out = build(aten.flatten.using_ints, out, 0, 1)
+        whole = out  # the output in out_layout, as the op writes it
+        if tuple(meta(out).shape) != tuple(meta(out_use.node).shape):  # the readers' view merges axes of it:
+            out = build(aten.reshape.default, out, list(meta(out_use.node).shape))  # [B*H, Sq, Dv], [S, B, H*Dv]
         if out_use.written:  # the graph writes it in place: not the tensor the op keeps for backward
             out = build(aten.clone.default, out)
     out_use.node.replace_all_uses_with(out)
@@ -125,7 +130,7 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
     chain = set(out_use.skipped)
     if any(u not in chain for u in site.node.users):  # something else reads [B, H, S, D]: a view
         with gm.graph.inserting_after(out):
-            view = build(aten.permute.default, out, [out_use.layout.index(a) for a in "bhsd"])
+            view = build(aten.permute.default, whole, [out_use.layout.index(a) for a in "bhsd"])
         site.node.replace_all_uses_with(view, delete_user_cb=lambda u: u not in chain)
         replaced.setdefault(site.node, view)
     dead = [site.node, *out_use.skipped, *site.query.skipped, *site.key.skipped, *site.value.skipped, *site.chain]

@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 from ..fx import Builder, erase_if_dead
 from ..masks import MaskPlan
 from ..masks import lower as masks
-from ..fx.normalize import same, shape
+from ..fx.normalize import meta, same, shape
 from ..patterns.site import AttentionSite
 from .lower_attention import Lowered, in_layout
 
@@ -47,6 +47,16 @@ def sdpa_refusal(site: AttentionSite) -> Optional[str]:
     """Why plain SDPA cannot compute ``site`` (None when it can)."""
     if site.softcap:
         return f"softcapping (softcap={site.softcap:g}) has no SDPA argument: left as written for target='portable'"
+    if site.sinks is not None:
+        return "attention sinks have no SDPA argument: left as written for target='portable'"
+    if site.mask_fill is not None and site.mask_fill != float("-inf"):
+        return f"a finite fill ({site.mask_fill:g}) has no SDPA argument: left as written for target='portable'"
+    if site.cu_seqlens_q is not None:
+        return "packed sequences (thd) have no SDPA spelling: left as written for target='portable'"
+    if site.plan is not None and site.attn_mask is None and sdpa_causal(site) is None:
+        flags = site.plan.flags
+        band = f"causal, window {flags.window}" if flags.is_causal else f"window {flags.window}"
+        return f"{band} ({flags.causal_align}) has no SDPA spelling: left as written for target='portable'"
     if site.empty_rows != "zero" and site.plan is not None and not site.plan.rows_keep_a_key:
         return ("a query row may keep no key, where the original gives NaN and SDPA zeros: left as written for "
                 "target='portable'")
@@ -91,10 +101,13 @@ def lower_to_sdpa(gm: GraphModule, site: AttentionSite) -> Lowered:
             kwargs["attn_mask"] = mask
         q, k, v = (in_layout(build, op, "bhsd") for op in (site.query, site.key, site.value))
         call = out = build(aten.scaled_dot_product_attention.default, q, k, v, **kwargs)
-        if out_use.written:  # the graph writes it in place: not the tensor SDPA keeps for backward
-            call = out = build(aten.clone.default, call)
+        if out_use.written:  # the graph writes it in place: not the tensor SDPA keeps for backward, and laid
+            # out as the original's [B, H, S, D] output, so that later copies of it copy as they did
+            call = out = build(aten.clone.default, call, memory_format=torch.contiguous_format)
         if out_use.layout != "bhsd":
             out = build(aten.permute.default, call, ["bhsd".index(a) for a in out_use.layout])
+        if tuple(meta(out).shape) != tuple(meta(out_use.node).shape):  # the readers' view merges axes of it
+            out = build(aten.reshape.default, out, list(meta(out_use.node).shape))
     out_use.node.replace_all_uses_with(out)
     _reshape_views(out)
     chain = set(out_use.skipped)

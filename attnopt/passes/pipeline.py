@@ -14,14 +14,15 @@ from typing import Optional, Union
 import torch
 from torch.fx import Graph, GraphModule
 
-from ..fx import Writes
+from ..fx import Writes, may_mask
 from ..masks import BandFlags, MaskRequest, plan_mask
 from ..masks.lower import erase_dead_masks
-from ..patterns import AttentionSite, find_hand_written_sites, find_sdpa_sites
+from ..patterns import AttentionSite, find_sites
 from ..fx.normalize import meta, shape
 from ..report import source
 from ..report.accounting import annotate
 from .lower_attention import lower_to_op
+from .lower_flex import flex_refusal, lower_flex, uses_flex
 from .lower_portable import lower_to_sdpa, sdpa_refusal
 
 log = logging.getLogger("attnopt")
@@ -34,12 +35,6 @@ def check_target(target: str, kernel: str) -> None:
         raise ValueError(f"attnopt: target must be one of {TARGETS}, got {target!r}")
     if target == "portable" and kernel != "auto":
         raise ValueError(f"attnopt: target='portable' emits plain SDPA, which cannot force kernel={kernel!r}")
-
-
-# "none": no mask; "removed": proven to keep every key; "flags": is_causal/window_size; "thd": packed
-# documents; "batches": chunks as batches; "key_padding": a [B, 1, 1, Sk] mask; "key_lengths":
-# seqused_k; "kept": the mask as written (the note says why)
-MASK_ACTIONS = ("none", "removed", "flags", "thd", "batches", "key_padding", "key_lengths", "kept")
 
 
 @dataclass
@@ -66,7 +61,7 @@ class SiteReport:
     removed: list[str] = field(default_factory=list)
     new_node: Optional[str] = None
     mask: Optional[str] = None  # what the explicit mask was proven to be, and what became of it
-    mask_action: Optional[str] = None  # what the site runs instead of its mask: one of MASK_ACTIONS
+    mask_action: Optional[str] = None  # what the site runs instead of its mask: one of attnopt.masks.ACTIONS
     copies_removed: int = 0  # removed nodes that materialised memory, per forward call
     bytes_removed: Optional[int] = 0  # what those copies wrote; None when a size is unknown
     kernel: Optional[str] = None  # the kernel the new op picks on its inputs' device and shapes
@@ -112,20 +107,12 @@ def _describe(site: AttentionSite) -> SiteReport:
 
 def _unsupported(site: AttentionSite) -> Optional[str]:
     """Why the op cannot compute the site as planned (None when it can)."""
-    plan, fill = site.plan, site.mask_fill
-    if fill is not None and fill != -math.inf and (plan.action == "kept" or not plan.rows_keep_a_key):
-        return (f"masked with {fill:g}, not -inf: a row may keep no key, where the fill averages every key and "
-                f"-inf keeps none ({plan.note})")
+    plan = site.plan
     if site.kind == "hand_written" and site.mask_fill is None and site.attn_mask is not None \
-            and not plan.rows_keep_a_key and plan.fill != -math.inf:
+            and not plan.rows_keep_a_key and plan.fill != -math.inf and may_mask(site.attn_mask):
         return ("an additive mask may mask a row entirely with finite values, where the softmax written here "
                 "averages every key and differentiates through them, which the fused kernels do not reproduce")
-    if site.empty_rows != "zero" and not plan.rows_keep_a_key and "empty_rows" not in _OP_ARGUMENTS:
-        return "a query row may keep no key, where the original gives NaN and the op zeros"
     return None
-
-
-_OP_ARGUMENTS = {a.name for a in torch.ops.attnopt.attention.default._schema.arguments}
 
 
 def _remap(site: AttentionSite, replaced: dict) -> None:
@@ -147,9 +134,10 @@ def _mask_request(site: AttentionSite) -> MaskRequest:
     else:
         sq, sk = shape(q.source)[q.dims.index("s")], shape(k.source)[k.dims.index("s")]
     flags = BandFlags(site.is_causal, site.causal_align, tuple(site.window))
-    return MaskRequest(site.attn_mask, site.mask_negated, site.mask_fill, flags, site.node, sq, sk,
-                       all(op.dims.count("b") == 1 for op in operands),
-                       any(meta(op.source).requires_grad for op in operands))
+    batch_axis = all(op.dims.count("b") == 1 for op in operands)
+    batch = shape(q.source)[q.dims.index("b")] if batch_axis else None
+    return MaskRequest(site.attn_mask, site.mask_negated, site.mask_fill, flags, site.node, sq, sk, batch_axis,
+                       any(meta(op.source).requires_grad for op in operands), site.mask_mod, site.empty_rows, batch)
 
 
 def _copy(gm: GraphModule) -> GraphModule:
@@ -181,27 +169,32 @@ def _copy(gm: GraphModule) -> GraphModule:
     return new
 
 
-def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = False,
-                   target: str = "op") -> tuple[GraphModule, PassResult]:
+def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = False, target: str = "op",
+                   constants: Optional[dict] = None) -> tuple[GraphModule, PassResult]:
     """Lower every provable attention site of ``gm``. Returns (new module, report).
 
     ``target`` "op" lowers to ``torch.ops.attnopt.attention``; "portable" to plain SDPA on strided
     views with ``enable_gqa`` (ATen ops only, for programs that must load without attnopt).
-    On an error the original ``gm`` is returned with a warning (an exception when strict).
+    ``constants`` are the values of placeholders that stand for constant tensors (an exported
+    program's lifted constants), by name. On an error the original ``gm`` is returned with a
+    warning (an exception when strict).
     """
     check_target(target, kernel)
     result = PassResult()
     try:
         work = _copy(gm)
+        for node in work.graph.find_nodes(op="placeholder"):
+            if constants and node.name in constants:
+                node.meta["attnopt_constant"] = constants[node.name]
         writes = Writes(work.graph, work)
         order = {n: i for i, n in enumerate(work.graph.nodes)}
-        found = find_sdpa_sites(work.graph, writes) + find_hand_written_sites(work.graph, writes)
+        found = find_sites(work.graph, writes)
         sites = sorted(found, key=lambda s: order[s.node])
         proofs: dict = {}
         for site in sites:  # plan every site on the graph as written, then lower
             if site.skip_reason is None:
                 site.plan = plan_mask(_mask_request(site), writes, proofs)
-                site.skip_reason = _unsupported(site)
+                site.skip_reason = flex_refusal(site, target) or _unsupported(site)
             if site.skip_reason is None and target == "portable":
                 site.skip_reason = sdpa_refusal(site)
         replaced: dict = {}  # nodes an earlier lowering replaced, which a later site may read
@@ -213,7 +206,10 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
                 rep.has_mask = site.plan.action in ("kept", "key_padding")
             if site.skip_reason is None:
                 _remap(site, replaced)
-                done = lower_to_op(work, site, kernel) if target == "op" else lower_to_sdpa(work, site)
+                if uses_flex(site):
+                    done = lower_flex(work, site, kernel, target)
+                else:
+                    done = lower_to_op(work, site, kernel) if target == "op" else lower_to_sdpa(work, site)
                 replaced.update(done.replaced)
                 if target == "portable" and site.plan.action not in ("none", "kept") \
                         and done.node.kwargs.get("attn_mask") is not None:
@@ -237,4 +233,4 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
     return work, result
 
 
-__all__ = ["MASK_ACTIONS", "TARGETS", "PassResult", "SiteReport", "check_target", "optimize_graph"]
+__all__ = ["TARGETS", "PassResult", "SiteReport", "check_target", "optimize_graph"]

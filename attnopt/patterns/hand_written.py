@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.fx import Graph, Node
 
-from ..fx import Writes, may_require_grad
+from ..fx import Writes
 from .layout_chain import _is_identity
 from ..fx.normalize import Canon, _arg, canonical, meta, op_name, same, shape
 from .operands import trace_operands
@@ -42,7 +42,6 @@ _CASTS = {"to", "float", "double", "type_as", "_to_copy", "half", "bfloat16"}
 _PRODUCTS = {"matmul", "bmm", "baddbmm"}
 _ALLOCATIONS = {"empty", "zeros", "empty_like", "zeros_like", "new_empty", "new_zeros"}
 _ASSERT = torch.ops.aten._assert_tensor_metadata.default
-_UNDERFLOW = 1000.0  # exp(-x) is exactly 0 in float32 and float64 for x >= 1000
 
 
 class _NoMatch(Exception):
@@ -65,6 +64,7 @@ class _Chain:
     mask: Optional[Node] = None
     mask_negated: bool = False
     fill: Optional[float] = None  # masked_fill / where value; None for an additive mask
+    sinks: Optional[Node] = None  # [Hq] logits concatenated to the scores as one more column (GPT-OSS)
     dropout_p: float = 0.0
     views: list[tuple] = field(default_factory=list)  # [B, H, Sq, Sk] shapes the scores pass through
     casts: list[tuple[str, torch.dtype, torch.dtype]] = field(default_factory=list)  # (phase, from, to)
@@ -104,7 +104,7 @@ def _factor(node: Node) -> tuple[Node, float]:
     if not isinstance(tensor, Node) or isinstance(c, Node):
         raise _NoMatch(f"{node.name} does not scale a tensor by a constant")
     f = _const(c)
-    if op_name(node) == "mul":
+    if op_name(node) in ("mul", "imul", "mul_"):
         return tensor, f
     if tensor is not a or f == 0:
         raise _NoMatch("a constant divided by the scores")
@@ -208,7 +208,7 @@ def _softcap(node: Node, c: _Chain) -> Node:
 def _mask_operands(node: Node) -> tuple[Node, Any, Optional[float], bool]:
     """(scores, mask, fill, negated) of an add / masked_fill / where step."""
     name = op_name(node)
-    if name == "add":
+    if name in ("add", "iadd", "add_"):  # in place (T5's ``scores += bias``): on the chain's own scores
         if len(node.args) != 2 or node.kwargs or not all(isinstance(x, Node) for x in node.args):
             raise _NoMatch("add of a constant or with alpha")
         a, b = node.args
@@ -252,21 +252,97 @@ def _step(node: Node, c: _Chain) -> Node:
     name = op_name(node)
     if _is_softcap(node):
         return _softcap(node, c)
-    if name in ("mul", "div"):
+    if name in ("mul", "div", "imul", "itruediv", "mul_", "div_"):  # in place (Falcon): on the chain's own scores
         if any(v is not None for v in node.kwargs.values()) and node.args and isinstance(node.args[0], Node):
             c.problems.append(f"{node.name} ({name} with {', '.join(sorted(node.kwargs))}) is not a scale")
             return node.args[0]
         return _scale(node, c)
-    if name in ("add", "masked_fill", "masked_fill_", "where"):
+    if name in ("add", "iadd", "add_", "masked_fill", "masked_fill_", "where"):
         return _mask(node, c)
     raise _NoMatch(f"{node.name} ({name}) before the softmax")
 
 
-def _inplace_fill(scores: Node, softmax: Node) -> Optional[Node]:
+def _read_by(tensor: Node, reader: Node, c: _Chain) -> None:
+    """``reader`` is the only reader of ``tensor``, besides an in-place ``masked_fill_`` of it that
+    comes first (Dynamo's spelling of Megatron's fill): that fill is the chain's mask step."""
+    fill = _inplace_fill(tensor, reader)
+    if fill is None:
+        _single_user(tensor, c.nodes)
+        return
+    c.nodes.append(fill)
+    _mask(fill, c)
+
+
+def _without_row_max(x: Node, c: _Chain) -> Node:
+    """y for ``x = y - y.max(-1, keepdim=True).values`` (or ``amax``), else x: the softmax
+    subtracts the row max itself, so the subtraction changes none of its values."""
+    if op_name(x) != "sub" or len(x.args) != 2 or x.kwargs or not all(isinstance(a, Node) for a in x.args):
+        return x
+    y, m = x.args
+    top = m.args[0] if op_name(m) == "getitem" and m.args[1] == 0 else m
+    if op_name(top) not in ("max", "amax") or top.args[0] is not y:
+        return x
+    dim, keep = _arg(top, 1, "dim"), _arg(top, 2, "keepdim", False)
+    if dim not in (-1, _rank(y) - 1) or keep is not True:
+        return x
+    if any(u not in (top, x) and u.target is not _ASSERT for u in y.users):
+        return x
+    c.nodes.extend((x, m, top))
+    c.nodes.extend(u for u in top.users if u is not m and not u.users)  # export's unused argmax
+    return y
+
+
+def _sink_logits(column: Node, heads: Any) -> Optional[Node]:
+    """The [Hq] tensor a [B, Hq, Sq, 1] column is a broadcast of: reshapes, unsqueezes and
+    expands that only move its one axis of ``heads`` entries to the head axis."""
+    node = column
+    while (k := canonical(node)) is not None and k.kind in ("expand", "reshape", "unsqueeze", "copy"):
+        dims = shape(node)
+        if dims is None or [d for d in dims if not same(d, 1)] != [heads] and k.kind != "expand":
+            return None
+        node = k.input
+    dims = shape(node)
+    if dims is None or len(dims) != 1 or not same(dims[0], heads):
+        return None
+    out = shape(column)
+    return node if out is not None and len(out) == 4 and same(out[1], heads) and same(out[3], 1) else None
+
+
+def _without_sinks(x: Node, c: _Chain) -> Node:
+    """scores for ``x = cat([scores, sinks column], -1)``, the sinks recorded (GPT-OSS)."""
+    if op_name(x) != "cat" or len(x.args[0]) != 2 or _arg(x, 1, "dim", 0) not in (-1, 3) or _rank(x) != 4:
+        return x
+    scores, column = x.args[0]
+    sinks = _sink_logits(column, shape(scores)[1]) if isinstance(column, Node) else None
+    if sinks is None or not isinstance(scores, Node):
+        return x
+    c.sinks = sinks
+    node = column
+    while node is not sinks:  # the broadcast of the sinks goes with the chain
+        c.nodes.append(node)
+        node = canonical(node).input
+    c.nodes.append(x)
+    _single_user(scores, c.nodes)
+    return scores
+
+
+def _drops_sink_column(node: Node, softmax: Node) -> bool:
+    """``node`` keeps every column of the softmax's output but the last (the sinks')."""
+    k = canonical(node)
+    if k is None or k.kind != "slice" or k.input is not softmax:
+        return False
+    dim, start, _, step = k.params
+    before, after = shape(softmax), shape(node)
+    return (dim == len(before) - 1 and start in (None, 0) and step in (None, 1) and after is not None
+            and same(after[-1], before[-1] - 1))
+
+
+def _inplace_fill(scores: Node, reader: Node) -> Optional[Node]:
     """Dynamo keeps ``scores.masked_fill_(m, v)`` as a statement whose result nothing reads, and
-    the softmax reads ``scores`` itself (Megatron's FusedScaleMaskSoftmax): the fill, when it is
-    the only other reader of the scores and comes before the softmax. The scores are the chain's
+    the next step reads ``scores`` itself (Megatron's FusedScaleMaskSoftmax): the fill, when it is
+    the only other reader of the scores and comes before ``reader``. The scores are the chain's
     own memory (every step to them has a single reader), so the write is local to the chain."""
+    softmax = reader
     others = [u for u in scores.users if u is not softmax and u.target is not _ASSERT]
     if len(others) != 1:
         return None
@@ -286,7 +362,7 @@ def _scores(node: Node, c: _Chain) -> Node:
         if tensor is None:
             tensor = _step(node, c)
         c.nodes.append(node)
-        _single_user(tensor, c.nodes)
+        _read_by(tensor, node, c)
         node = tensor
     c.nodes.append(node)
     return node
@@ -317,6 +393,11 @@ def _probs(softmax: Node, c: _Chain) -> Node:
     """Walk forward from the softmax over casts, views and dropout to the product with v; any
     other op on the way changes the probabilities (reported once the product is found)."""
     last, node = softmax, _single_user(softmax, c.nodes)
+    if c.sinks is not None:
+        if not _drops_sink_column(node, softmax):
+            raise _NoMatch("the sinks' column is not dropped right after the softmax")
+        c.nodes.append(node)
+        last, node = node, _single_user(node, c.nodes)
     while op_name(node) not in ("matmul", "bmm"):
         if node.args and node.args[0] is not last:
             raise _NoMatch(f"{node.name} does not read the probabilities first")
@@ -450,8 +531,9 @@ def _check_shapes(q4: Node, k4: Node, v4: Node, out: Node, c: _Chain) -> None:
     """q, k, v and every 4-D view of the scores agree on B and H (a 3-D product pairs its
     batch*heads rows by index, so every reshape must split them alike), and on dtype."""
     b, h = shape(q4)[:2]
+    broadcast = same(shape(k4)[1], 1) and same(shape(v4)[1], 1)  # one K/V head the product broadcasts (MQA)
     for name, node in (("k", k4), ("v", v4)):
-        if not (same(shape(node)[0], b) and same(shape(node)[1], h)):
+        if not (same(shape(node)[0], b) and (broadcast or same(shape(node)[1], h))):
             raise _Unproven(f"q and {name} differ in batch or heads before any repetition")
     if not all(same(view[0], b) and same(view[1], h) for view in c.views):
         raise _Unproven("a view of the scores splits batch*heads unlike q")
@@ -473,17 +555,6 @@ def _check_casts(c: _Chain, dtype: torch.dtype) -> None:
         if src == dst or (src, dst) in _EXACT_UPCASTS or (phase == "probs" and dst == dtype and src.is_floating_point):
             continue
         raise _Unproven(f"a cast of the {phase} from {src} to {dst} changes their values")
-
-
-def _check_fill(c: _Chain) -> None:
-    """A finite fill acts as -inf only where every masked weight exp(fill - row max) underflows
-    to exactly 0, which needs scores bounded below (softcapped: > -cap); whether every row keeps
-    a key (where a fully masked row would average every key) is the mask plan's to prove."""
-    if c.fill is None or c.fill == -math.inf:
-        return
-    if not c.softcap or c.fill + c.softcap > -_UNDERFLOW:
-        raise _Unproven(f"masked with {c.fill:g}, not -inf: a masked key keeps weight exp({c.fill:g} - row max), "
-                        "not provably 0 for scores without a softcap bound")
 
 
 def _total_scale(c: _Chain) -> float:
@@ -509,10 +580,6 @@ def _site(qk: Node, pv: Node, c: _Chain, writes: Writes) -> AttentionSite:
         v4 = _operand(pv.args[1], (four if _rank(pv) == 4 else three)["v"], c, scaffold)
         _check_shapes(q4, k4, v4, pv, c)
         _check_casts(c, meta(q4).dtype)
-        _check_fill(c)
-        if c.mask is not None and may_require_grad(c.mask):
-            raise _Unproven("the mask or bias added to the scores requires grad (a learned bias); the op does not "
-                            "differentiate masks")
         end = _output(pv, q4, c, scaffold)
         q_op, k_op, v_op, out = trace_operands(end, q4, k4, v4, writes)
         if any(op.source in scaffold.nodes for op in (q_op, k_op, v_op)):
@@ -527,13 +594,22 @@ def _site(qk: Node, pv: Node, c: _Chain, writes: Writes) -> AttentionSite:
     hk = shape(k_op.source)[k_op.dims.index("h")]
     if hq % hk:
         raise _Unproven("query heads are not a multiple of key heads")
-    # softmax over a row whose every score is -inf is NaN: the op must give NaN there too
     site = AttentionSite(end, "hand_written", attn_mask=c.mask, mask_negated=c.mask_negated, mask_fill=c.fill,
-                         dropout_p=c.dropout_p, scale=_total_scale(c), softcap=c.softcap,
-                         empty_rows="nan" if c.mask is not None and c.fill in (None, -math.inf) else "zero",
-                         chain=list(c.nodes))
+                         dropout_p=c.dropout_p, scale=_total_scale(c), softcap=c.softcap, sinks=c.sinks,
+                         empty_rows=_empty_rows(c), chain=list(c.nodes))
     site.query, site.key, site.value, site.output = q_op, k_op, v_op, out
     return site
+
+
+def _empty_rows(c: _Chain) -> str:
+    """What the chain gives a row whose every score is masked with -inf, or whose query holds a NaN:
+    the softmax's NaN, whose gradient differs for a fill (no gradient through filled scores) and
+    an added -inf."""
+    if c.sinks is not None:  # a sink keeps every row's denominator positive
+        return "zero"
+    if c.mask is None:
+        return "nan"
+    return "nan_additive" if c.fill is None else "nan" if c.fill == -math.inf else "zero"
 
 
 def _match(softmax: Node, writes: Writes) -> AttentionSite:
@@ -547,12 +623,8 @@ def _match(softmax: Node, writes: Writes) -> AttentionSite:
         raise _NoMatch("softmax of a constant")
     if isinstance(meta(scores), torch.Tensor) and isinstance(meta(softmax), torch.Tensor):
         c.casts.append(("scores", meta(scores).dtype, meta(softmax).dtype))  # softmax(x, dtype=...)
-    fill = _inplace_fill(scores, softmax)
-    if fill is None:
-        _single_user(scores, c.nodes)
-    else:
-        c.nodes.append(fill)
-        _mask(fill, c)
+    _read_by(scores, softmax, c)
+    scores = _without_sinks(_without_row_max(scores, c), c)
     qk = _scores(scores, c)
     pv = _probs(softmax, c)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from ..fx import Writes, may_require_grad
+from ..fx import Writes
 from ..fx.normalize import meta, same, sdpa_args, shape
 from .operands import trace_operands
 from .site import AttentionSite
@@ -33,8 +33,6 @@ def _check(site: AttentionSite, args: dict) -> str | None:
     if mask is not None:
         if not isinstance(mask, Node) or not isinstance(meta(mask), torch.Tensor):
             return "attn_mask is not a tensor in the graph"
-        if may_require_grad(mask):
-            return "attn_mask requires grad (a learned bias); the fused op does not differentiate masks"
     hq, hk = shape(site.query.source)[site.query.dims.index("h")], shape(site.key.source)[site.key.dims.index("h")]
     hq_sdpa, hk_sdpa = vals[0].shape[1], vals[1].shape[1]
     if not all(same(v.shape[0], vals[0].shape[0]) for v in vals[1:]):

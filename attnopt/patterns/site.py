@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional, Union
 from torch.fx import Node
 
 if TYPE_CHECKING:
+    from ..masks.mask_mod import MaskMod
     from ..masks.plan import MaskPlan
 
 
@@ -66,8 +67,11 @@ class AttentionSite:
     max_seqlen_k: Union[int, Node, None] = None
     scale: Union[float, Node, None] = None
     softcap: float = 0.0  # scores capped to softcap * tanh(scores / softcap) before the mask; 0 = none
-    empty_rows: str = "zero"  # what the original gives a query row that keeps no key: "zero" or "nan"
+    sinks: Optional[Node] = None  # [Hq] logits joining every row's softmax with no value (GPT-OSS)
+    empty_rows: str = "zero"  # what the original gives a query row that keeps no key: "zero", "nan" for a
+    # -inf fill (masked_fill/where), "nan_additive" for an added -inf (the op's empty_rows)
     chain: list[Node] = field(default_factory=list)  # the nodes of a hand-written chain, erased once dead
+    mask_mod: Optional["MaskMod"] = None  # flex_attention: its mask_mod, buffers and block mask
     plan: Optional["MaskPlan"] = None
     skip_reason: Optional[str] = None
 

@@ -38,34 +38,24 @@ class GraphRecord:
     training: Optional[bool] = None
 
 
-# What became of a mask, from the passes' note when they give no ``mask_action``: (phrase, action).
-_NOTE_ACTIONS = (("documents run as packed sequences", "thd"), ("chunks run as batches", "batches"),
-                 ("key padding passed as", "key_padding"), ("(seqused_k)", "key_lengths"),
-                 ("kept as", "kept"), ("SDPA has no such band", "kept"))
-_MASK_CELLS = {"none": "none", "removed": "removed", "thd": "removed: varlen (thd)",
-               "batches": "removed: chunks as batches", "key_padding": "key padding [B,1,1,Sk]",
-               "key_lengths": "removed: key lengths", "kept": "kept"}
+_MASK_CELLS = {"none": "none", "thd": "removed: varlen (thd)", "batches": "removed: chunks as batches",
+               "key_padding": "key padding [B,1,1,Sk]", "key_lengths": "removed: key lengths",
+               "cache_lengths": "removed: key lengths", "flex": "flex_attention", "kept": "kept"}
 
 
 def mask_action(site: SiteReport) -> str:
-    """What the site runs instead of the mask it was written with (see ``MASK_ACTIONS``)."""
+    """What the site runs instead of the mask it was written with (one of ``attnopt.masks.ACTIONS``)."""
     if site.mask_action:
         return site.mask_action
-    note = site.mask or ""
-    for phrase, action in _NOTE_ACTIONS:
-        if phrase in note:
-            return action
-    if site.has_mask:
-        return "kept"
-    if note:
-        return "flags" if site.is_causal or tuple(site.window) != (-1, -1) else "removed"
-    return "none"
+    return "kept" if site.has_mask else "none"
 
 
 def mask_cell(site: SiteReport) -> str:
     action = mask_action(site)
     if action == "flags":
-        return "removed: window_size" if tuple(site.window) != (-1, -1) else "removed: is_causal"
+        if tuple(site.window) != (-1, -1):
+            return "removed: window_size"
+        return "removed: is_causal" if site.is_causal else "removed"
     return _MASK_CELLS.get(action, action)
 
 

@@ -9,15 +9,18 @@ user's model file), or the innermost frame when no module file is on the stack.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Any, Optional
 
+import torch
 from torch.fx import Node
 
 _ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[\d+\])*\.?")  # L['self'], L['args'][0], L['fn'], G['model']
 _GETATTR = re.compile(r"getattr\(([^()]*), '([^']+)'\)")
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def user_path(path: str) -> str:
@@ -85,7 +88,8 @@ def location(node: Node) -> Optional[str]:
     frames = _frames(node)
     if not frames:
         return None
-    chosen = frames[-1]
+    outside = [f for f in frames if not f["file"].startswith(_TORCH_DIR)]  # not torch's own wrappers
+    chosen = (outside or frames)[-1]
     for _, kind in reversed(_stack(node)):
         name = _type_name(kind)
         ends = _module_files(name) if name else []

@@ -89,6 +89,11 @@ ARGS: tuple[Arg, ...] = (
     Arg("mask_grad", "bool", False,
         "run a kernel whose backward returns attn_mask's gradient; the op's autograd sets it when the mask "
         "requires grad", front=""),
+    Arg("mask_fill", "float?", None,
+        "the score a key masked by a bool attn_mask or the band takes: None drops it (-inf); a finite value "
+        "keeps it in the softmax with that score, as s.masked_fill(~keep, fill) does (Megatron's -10000.0). "
+        "Where the scores provably cannot reach within the float's underflow of the fill and every row keeps a "
+        "key (checked per call: one host read), the fill acts as -inf and any kernel runs; else the math kernel"),
 )
 
 NAMES: tuple[str, ...] = tuple(a.name for a in ARGS)

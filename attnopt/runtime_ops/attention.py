@@ -101,9 +101,27 @@ def _describe(call: Call) -> tuple[AttnSpec, Optional[_Packed]]:
     return _varlen_spec(spec, call.query, call.key, call.cu_seqlens_q, call.cu_seqlens_k)
 
 
+def _fill_drops_keys(spec: AttnSpec, call: Call) -> bool:
+    """A finite ``mask_fill`` gives every masked key exactly weight 0, as -inf does, when every row
+    keeps a key and no kept score can come within the float's underflow of the fill: scores are
+    bounded by the softcap, or by scale * max |q| * max |k|. One host read per call."""
+    device = call.query.device
+    underflow = 746.0 if spec.dtype == torch.float64 else 104.0  # exp(-x) is 0 beyond (float64 / float32)
+    if spec.softcap:
+        bound = torch.tensor(spec.softcap, device=device)
+    else:
+        norm = lambda t: torch.linalg.vector_norm(t.float(), dim=-1).amax()
+        bound = spec.scale * norm(call.query) * norm(call.key)
+    fits = spec.mask_fill + bound < -underflow
+    rows = empty_rows.find_dense(spec, call.attn_mask, None, device)
+    return bool(fits & ~rows.any())
+
+
 def _plan(call: Call) -> tuple[AttnSpec, kernels.Kernel, Optional[_Packed]]:
     """The call's spec, the kernel that runs it, and the packed offsets."""
     spec, packed = _describe(call)
+    if spec.mask_fill is not None and _fill_drops_keys(spec, call):
+        spec = dataclasses.replace(spec, mask_fill=None)
     return spec, _select(spec, call.kernel_name), packed
 
 
@@ -186,6 +204,15 @@ def _empty_rows(spec: AttnSpec, call: Call, packed: Optional[_Packed]) -> Option
     return empty_rows.find_dense(spec, call.attn_mask, call.seqused_k, call.query.device)
 
 
+def _nan_queries(call: Call, q: Tensor) -> Optional[Tensor]:
+    """Query rows holding a NaN ([B, Hq, Sq], from the [B, Hq, Sq, D] view), where the call asks for
+    eager's NaNs (a hand-written softmax spreads a NaN query over its row and, through backward,
+    over its key/value head); None when there are none to look for."""
+    if call.empty_rows == "zero" or call.sinks is not None:
+        return None
+    return q.isnan().any(-1)
+
+
 def _reduce_to(grad: Tensor, mask: Tensor) -> Tensor:
     """A [B, Hq, Sq, Sk] gradient summed over the dims ``mask`` broadcasts, in the mask's shape and dtype."""
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
@@ -215,12 +242,17 @@ def _attention(*args):
         if call.seqused_k is not None:
             check_seqused_k(call.seqused_k, spec.seqlen_k)
         q, k, v = (t.permute(TO_BHSD[call.layout]) for t in (q, k, v))
+        nan_q = _nan_queries(call, q)
+        if nan_q is not None:  # the kernel runs them as zeros; eager's NaN rows are written below
+            q = q.masked_fill(nan_q[..., None], 0.0)
         kspec, extra = _kernel_args(kern, spec, call, forward=True)
         out, lse, rng = kern.forward(kspec, q, k, v, **extra)
     if sinks is not None and kern.sinks == "lse":
         out, lse = sink_math.fold(out, lse, sinks, spec.varlen)
     if call.empty_rows != "zero":
         rows = _empty_rows(spec, call, packed)
+        if packed is None and nan_q is not None:
+            rows = nan_q if rows is None else rows | nan_q
         if rows is not None:
             out = empty_rows.write(out, rows, spec.varlen, empty_rows.NAN)
     if packed is None:
@@ -252,8 +284,12 @@ def _attention_backward(grad_out, out, lse, rng_state, *args):
         q, k, v = (t.permute(TO_BHSD[call.layout]) for t in (q, k, v))
         grad_out, out = (t.permute(TO_BHSD[spec.out_layout]) for t in (grad_out, out))
     rows = _empty_rows(spec, call, packed) if call.empty_rows != "zero" else None
-    if rows is not None:  # the kernel runs those rows as empty; their NaNs are written below
-        grad_out, out = (empty_rows.write(t, rows, spec.varlen, 0.0) for t in (grad_out, out))
+    nan_q = _nan_queries(call, q) if packed is None else None
+    if nan_q is not None:
+        q_read, q = q, q.masked_fill(nan_q[..., None], 0.0)
+    quiet = rows if nan_q is None else nan_q if rows is None else rows | nan_q
+    if quiet is not None:  # the kernel runs those rows as empty; their NaNs are written below
+        grad_out, out = (empty_rows.write(t, quiet, spec.varlen, 0.0) for t in (grad_out, out))
     dmask = None
     if packed is not None:
         dq, dk, dv = _backward_varlen(kern, spec, packed, grad_out, q, k, v, out, lse, rng_state)
@@ -264,6 +300,9 @@ def _attention_backward(grad_out, out, lse, rng_state, *args):
         dq, dk, dv, dmask = kern.backward(kspec, grad_out, q, k, v, out, lse, rng_state, **extra)
         if rows is not None:
             dq, dk, dv, dmask = empty_rows.nan_grads_dense(call.empty_rows, rows, spec, dq, dk, dv, dmask)
+        if nan_q is not None:
+            keep = empty_rows.keep_dense(spec, call.attn_mask, call.seqused_k, q.device)
+            dq, dk, dv, dmask = empty_rows.nan_query_grads(call.empty_rows, nan_q, q_read, keep, spec, dq, dk, dv, dmask)
         dq, dk, dv = (t.permute(FROM_BHSD[call.layout]) for t in (dq, dk, dv))
         if dmask is not None:
             dmask = _reduce_to(dmask, call.attn_mask).contiguous()

@@ -53,6 +53,42 @@ def find_dense(spec: AttnSpec, mask: Optional[Tensor], seqused_k: Optional[Tenso
     return rows.reshape((1,) * (3 - rows.dim()) + tuple(rows.shape))
 
 
+def keep_dense(spec: AttnSpec, mask: Optional[Tensor], seqused_k: Optional[Tensor], device: torch.device) -> Tensor:
+    """Bool, broadcastable to [B, Hq, Sq, Sk]: the keys each row keeps (mask, band and key lengths)."""
+    sq, sk = spec.seqlen_q, spec.seqlen_k
+    m = full_mask(spec, mask, sq, sk, device) if seqused_k is None else fold_key_lengths(spec, mask, seqused_k)[1]
+    if m is None:
+        return torch.ones((1, 1, sq, sk), dtype=torch.bool, device=device)
+    keep = m if m.dtype == torch.bool else ~torch.isneginf(m)
+    return keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+
+
+def nan_query_grads(mode: str, rows: Tensor, q: Tensor, keep: Tensor, spec: AttnSpec, dq: Tensor, dk: Tensor,
+                    dv: Tensor, dmask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Eager's NaNs in [B, H, S, D] gradients for query rows holding a NaN (``rows``, [B, Hq, Sq]).
+
+    Their scores are NaN where kept (everywhere for an added mask), so are the row's probabilities
+    everywhere, so dV is NaN over the row's batch and key/value head and dQ over the row; dK_j =
+    sum_i dS_ij q_i is NaN for every key the row's NaN scores reach, and, since 0 * NaN is NaN, in
+    every component where the query itself is NaN."""
+    hq, hkv = spec.heads_q, spec.heads_kv
+    b, sq, sk = spec.batch, spec.seqlen_q, spec.seqlen_k
+
+    def per_group(t: Tensor) -> Tensor:  # [B, Hq, ...] -> [B, Hkv, ...]: any over the group's query heads
+        return t.unflatten(1, (hkv, hq // hkv)).any(2)
+
+    rows = rows.expand(b, hq, sq)
+    dq = dq.masked_fill(rows[..., None], NAN)
+    dv = dv.masked_fill(per_group(rows).any(-1)[..., None, None], NAN)
+    reached = keep.expand(b, hq, sq, sk) if mode == "nan" else torch.ones_like(rows[..., None]).expand(b, hq, sq, sk)
+    keys = per_group((reached & rows[..., None]).any(-2))  # [B, Hkv, Sk]
+    parts = per_group((q.isnan() & rows[..., None]).any(-2))  # [B, Hkv, D]
+    dk = dk.masked_fill(keys[..., None] | parts[:, :, None, :], NAN)
+    if dmask is not None and mode == "nan_additive":
+        dmask = dmask.masked_fill(rows[..., None], NAN)
+    return dq, dk, dv, dmask
+
+
 def _sequence_of(cu: Tensor, n: int) -> Tensor:
     """The packed sequence each of ``n`` tokens belongs to."""
     return torch.searchsorted(cu[1:], torch.arange(n, device=cu.device), right=True)

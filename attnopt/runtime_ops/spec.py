@@ -57,6 +57,7 @@ class AttnSpec:
     softcap: float = 0.0  # scores become softcap * tanh(scores / softcap) before the mask; 0 = off
     sinks: bool = False  # per-head sink logits join every row's softmax denominator
     mask_grad: bool = False  # the backward returns the additive mask's gradient
+    mask_fill: Optional[float] = None  # masked keys score this finite value instead of being dropped
 
     @property
     def varlen(self) -> bool:
@@ -242,7 +243,22 @@ def build_spec(call: Call) -> AttnSpec:
         softcap=float(call.softcap),
         sinks=sinks is not None,
         mask_grad=bool(call.mask_grad) and mask_dtype is not None and mask_dtype != torch.bool,
+        mask_fill=_mask_fill(call, layout, mask_dtype),
     )
+
+
+def _mask_fill(call: Call, layout: str, mask_dtype: Optional[torch.dtype]) -> Optional[float]:
+    fill = call.mask_fill
+    if fill is None:
+        return None
+    fill = float(fill)
+    if not math.isfinite(fill):
+        _fail(f"mask_fill must be finite (None means -inf), got {fill}")
+    if layout == "thd" or call.seqused_k is not None:
+        _fail("mask_fill is for dense masks and bands, not packed sequences or key lengths")
+    if mask_dtype is not None and mask_dtype != torch.bool:
+        _fail("mask_fill needs a bool attn_mask (an additive mask carries its own values)")
+    return fill
 
 
 def check_seqused_k(seqused_k: Tensor, seqlen_k: int) -> None:

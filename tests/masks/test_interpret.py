@@ -52,8 +52,9 @@ def _idx():
     (lambda q, k: (k <= q) == 0, Band(lower=1)),  # ... and compared with 0 for equality, its negation
     (lambda q, k: (k <= q) * (k >= q - 2), Band(lower=-2, upper=0)),  # bool * bool is and
     (lambda q, k: 3 * k < 3 * q + 2, Band(upper=0)),  # integers: 3(k - q) < 2 is k - q <= 0
+    (lambda q, k: (q - k).abs() <= 2, Band(lower=-2, upper=2)),  # ModernBERT's local window
 ], ids=["causal", "strict_lt", "strict_gt", "strict_window", "two_sided", "bool_ne_0", "bool_int_bool",
-        "bool_eq_0", "bool_mul", "scaled"])
+        "bool_eq_0", "bool_mul", "scaled", "abs_window"])
 def test_band_bounds_are_explicit(build, band, level):
     s = _structure(lambda x: build(*_idx()), torch.zeros(()), level=level)
     assert s.band == band and not s.terms()

@@ -68,3 +68,40 @@ def build(name: str, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, tup
     model = EmbedsToLogits(BUILDERS[name]()).to(dtype)
     embeds = torch.randn(BATCH, SEQ, HIDDEN, dtype=dtype, requires_grad=True)
     return model, (embeds,)
+
+
+# Causal LMs on token ids, two layers, 4 query heads over 2 KV heads (GQA), vocabulary 100.
+_TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
+_SPECIAL_TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+CAUSAL_LM_CONFIGS: dict[str, Callable[[], T.PreTrainedConfig]] = {
+    "llama": lambda: T.LlamaConfig(**_TINY),
+    "qwen3": lambda: T.Qwen3Config(head_dim=16, **_TINY),
+    "mistral": lambda: T.MistralConfig(sliding_window=5, **_TINY),
+    # one sliding-window layer, one global layer
+    "gemma3": lambda: T.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                                         layer_types=["sliding_attention", "full_attention"], **_TINY,
+                                         **_SPECIAL_TOKENS),
+    "olmo2": lambda: T.Olmo2Config(**_TINY, **_SPECIAL_TOKENS),
+}
+
+
+class TokensToLogits(nn.Module):
+    """A causal LM on token ids plus, optionally, the one batch tensor that shapes its mask
+    (``attention_mask`` for padding, ``position_ids`` for packing), without a cache, as in training."""
+
+    def __init__(self, lm: nn.Module, extra: str | None = None):
+        super().__init__()
+        self.lm, self.extra = lm, extra
+
+    def forward(self, ids: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        kwargs = {self.extra: extra[0]} if self.extra else {}
+        return self.lm(input_ids=ids, use_cache=False, **kwargs).logits
+
+
+def causal_lm(config: T.PreTrainedConfig, attn_implementation: str, dtype: torch.dtype,
+              extra: str | None = None) -> TokensToLogits:
+    """A randomly initialised (seed 0) causal LM for ``config`` with the given attention code path."""
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    return TokensToLogits(T.AutoModelForCausalLM.from_config(config).to(dtype), extra)

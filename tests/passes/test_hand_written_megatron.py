@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import attnopt
 from attnopt.fx.normalize import op_name
 from tests.conftest import Capture, assert_grads_match
 from tests.models.helpers import check_exported
@@ -132,20 +133,22 @@ def test_plain_3d_spellings_lowered(f, out_layout):
     assert not _written(capture.after)
 
 
-def test_finite_fill_is_proven_only_with_bounded_scores_and_no_empty_row():
+def test_a_finite_fill_is_lowered_with_the_fill():
+    """Megatron masks with -10000.0: the op takes the fill and decides per call whether it acts as
+    -inf (scores bounded well above it, every row keeps a key: any kernel) or not (the math kernel
+    with the fill, as masked_fill computes it: here a mask input that leaves a row no key)."""
     q, k, v = _sbhd()
-    # -10000 after a softcap of 30: masked weights exp(<= -9970) are exactly 0, and causal rows keep a key
-    capture = _compile(CoreAttention(8, fill=-10000.0, softcap=30.0).train(), (q, k, v))
-    (site,) = capture.result.sites
-    assert site.status == "lowered" and site.is_causal
-    # the same fill on unbounded scores, or with a mask input that may empty a row: left as written
     mask = torch.rand(2, 1, 8, 8) > 0.5
-    for model, inputs, reason in [(CoreAttention(8, fill=-10000.0), (q, k, v), "not provably 0"),
-                                  (CoreAttention(8, fill=-10000.0, softcap=30.0), (q, k, v, mask), "a row may keep no key")]:
-        capture = _compile(model.train(), inputs)
+    mask[0, 0, 3] = True  # a row with every key masked
+    cases = [(CoreAttention(8, fill=-10000.0), (q, k, v), "cpu_flash"),
+             (CoreAttention(8, fill=-10000.0, softcap=30.0), (q, k, v, mask), "math")]
+    for model, inputs, kernel in cases:
+        with attnopt.runtime_ops.trace_kernels() as calls:
+            capture = _compile(model.train(), inputs)
         (site,) = capture.result.sites
-        assert site.status == "skipped" and "-10000" in site.reason and reason in site.reason
-        assert _written(capture.after) == {"baddbmm", "bmm", "softmax"}
+        assert site.status == "lowered" and {c.kernel for c in calls} == {kernel}
+        (call,) = [n for n in capture.after.graph.nodes if n.target is ATTN]
+        assert call.kwargs["mask_fill"] == -10000.0
 
 
 def _bad_split(q, k, v):

@@ -191,7 +191,7 @@ def test_attention_output_read_in_bhsd_elsewhere_gets_a_view(capture):
     assert capture.result.lowered == 1
 
 
-def test_learned_bias_is_left_as_written_with_a_reason(capture):
+def test_learned_bias_is_lowered_with_its_gradient(capture):
     bias = torch.nn.Parameter(torch.randn(1, 2, 4, 4))
 
     def f(q):
@@ -200,7 +200,7 @@ def test_learned_bias_is_left_as_written_with_a_reason(capture):
     q = torch.randn(1, 2, 4, 8, requires_grad=True)
     assert_grads_match(torch.compile(f, backend=capture.backend), (q,), [bias], f)
     (site,) = capture.result.sites
-    assert site.status == "skipped" and "attn_mask requires grad" in site.reason
+    assert site.status == "lowered" and site.has_mask
 
 
 def test_symbolic_dropout_is_passed_through(capture):

@@ -12,10 +12,22 @@ from tests.runtime_ops.variants import VARIANTS, Variant, make_inputs, reference
 CPU_KERNELS = ("cpu_flash", "math")
 
 
+def _additive_mla(q, v, kw) -> bool:
+    """An additive mask with a v head dim other than q/k's: torch's SDPA runs that in its math kernel,
+    and so does the op (a row a finite fill masks entirely differentiates otherwise in cpu_flash)."""
+    mask = kw.get("attn_mask")
+    return mask is not None and mask.dtype != torch.bool and q.shape[-1] != v.shape[-1]
+
+
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
 def test_forward_backward_match_reference(variant: Variant, kernel: str):
     q, k, v, kw = make_inputs(variant, torch.float32, "cpu")
+    if kernel == "cpu_flash" and _additive_mla(q, v, kw):
+        with pytest.raises(ValueError, match="torch's SDPA runs them in math"):
+            R.attention(q, k, v, kernel=kernel, **kw)
+        assert R.kernel_for(q, k, v, **kw) == "math"
+        return
     with R.trace_kernels() as calls:
         out = R.attention(q, k, v, kernel=kernel, **kw)
         ref = reference(q, k, v, kw)
@@ -431,3 +443,40 @@ def test_math_kernel_averages_a_row_masked_by_a_finite_fill(dtype):
     grad = torch.randn_like(ref)
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(got, want)
+
+
+def _filled(q, k, v, keep, fill):
+    return torch.softmax((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).masked_fill(~keep, fill), dim=-1) @ v
+
+
+@pytest.mark.parametrize("case,kernel", [
+    ("bounded", "cpu_flash"),  # every masked weight underflows to 0: the fill acts as -inf, any kernel runs
+    ("large_scores", "math"),  # scores can reach the fill: masked keys keep weight, as masked_fill gives them
+    ("empty_row", "math"),  # a row masked entirely averages every key
+])
+def test_a_finite_mask_fill_is_what_masked_fill_gives(case, kernel):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64) for _ in range(3))
+    if case == "large_scores":
+        q, k = q * 400, k * 400
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    i = torch.arange(6)
+    keep = i[None, :] <= i[:, None]
+    if case == "empty_row":
+        keep = keep & (i[:, None] != 3)
+    with R.trace_kernels() as calls:
+        out = R.attention(q, k, v, keep, mask_fill=-10000.0)
+        ref = _filled(q, k, v, keep, -10000.0)
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn_like(ref)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(got, want)
+    assert [c.kernel for c in calls] == [kernel, kernel]
+
+
+def test_mask_fill_is_checked():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="mask_fill must be finite"):
+        R.attention(q, q, q, is_causal=True, mask_fill=float("-inf"))
+    with pytest.raises(ValueError, match="needs a bool attn_mask"):
+        R.attention(q, q, q, torch.zeros(4, 4), mask_fill=-10000.0)

@@ -38,6 +38,8 @@ def _why_not(kernel: Kernel, spec: AttnSpec) -> str | None:
         reason = "no attention sinks"
     if reason is None and spec.mask_grad and not kernel.mask_grad:
         reason = "its backward returns no gradient for attn_mask (a learned bias)"
+    if reason is None and spec.mask_fill is not None and kernel.name != "math":
+        reason = f"masked keys score {spec.mask_fill:g} (a finite fill) where this kernel drops them"
     if reason is None:
         reason = kernel.unsupported(spec)
     return reason

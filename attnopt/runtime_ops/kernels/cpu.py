@@ -50,6 +50,10 @@ class CpuFlashKernel(Kernel):
             return "no softcapping"
         if spec.heads_q != spec.heads_kv and not _native_gqa():
             return "this torch build's CPU kernel has no grouped-query attention"
+        if spec.dim_qk != spec.dim_v and spec.mask_dtype is not None and spec.mask_dtype != torch.bool:
+            # torch runs such calls in its math kernel: a row an additive fill masks entirely (finfo.min)
+            # averages every key there, and differentiates differently in this kernel's backward
+            return "an additive mask with q/k and v head dims that differ (torch's SDPA runs them in math)"
         return None
 
     def _args(self, spec: AttnSpec, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]):
@@ -59,7 +63,10 @@ class CpuFlashKernel(Kernel):
             m = mask
         else:
             m = full_mask(spec, mask, q.shape[2], k.shape[2], q.device)
-        return (pad_last(q, d), pad_last(k, d), pad_last(v, d)), additive(m, q.dtype), native_causal
+        m = additive(m, q.dtype)
+        if m is not None and m.dim() not in (2, 4):  # the kernel takes 2-D or 4-D masks: [H, Sq, Sk] -> [1, H, Sq, Sk]
+            m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+        return (pad_last(q, d), pad_last(k, d), pad_last(v, d)), m, native_causal
 
     def forward(self, spec, q, k, v, mask):
         (qp, kp, vp), m, causal = self._args(spec, q, k, v, mask)

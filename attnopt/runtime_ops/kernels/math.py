@@ -52,21 +52,22 @@ class MathKernel(Kernel):
         exp(lse(scores) - lse) for the sinks' share: not exp(scores - lse), which a row whose
         scores all carry a finite fill such as finfo.min (lse rounds to the fill) turns into 1 for
         every key instead of the average eager takes. Rows that keep no key (log-sum-exp -inf, or
-        +inf from FlashAttention) get probabilities 0."""
+        +inf from FlashAttention) get probabilities 0; NaN scores give NaN, as in eager."""
         s, dcap = self._scores(spec, q, k)
         m = full_mask(spec, mask, q.shape[2], k.shape[2], q.device)
         if m is not None:
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + _acc(m)
+            fill = float("-inf") if spec.mask_fill is None else spec.mask_fill
+            s = s.masked_fill(~m, fill) if m.dtype == torch.bool else s + _acc(m)
         own = torch.logsumexp(s, dim=-1)
         if lse is None:
             lse = own
             if sinks is not None:
                 lse = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None])
         total = _acc(lse)
-        keeps = torch.isfinite(own) & torch.isfinite(total)
-        share = torch.where(keeps, torch.exp(own - torch.where(keeps, total, own)), torch.zeros_like(own))
+        empty = torch.isneginf(own) | torch.isinf(total)  # no key (NaN scores stay NaN, as in eager)
+        share = torch.where(empty, torch.zeros_like(own), torch.exp(own - torch.where(empty, own, total)))
         p = torch.softmax(s, dim=-1) * share.unsqueeze(-1)
-        p = torch.where(keeps.unsqueeze(-1), p, torch.zeros_like(p))
+        p = torch.where(empty.unsqueeze(-1), torch.zeros_like(p), p)
         return p, lse, dcap
 
     def _dropout_keep(self, spec: AttnSpec, rng_state: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
@@ -96,6 +97,9 @@ class MathKernel(Kernel):
         dv = torch.matmul(_grouped(pd, hkv).transpose(-1, -2), _grouped(do, hkv)).sum(2)
         delta = (do * _acc(out)).sum(-1, keepdim=True)
         ds = p * (dp - delta)  # the gradient of the masked scores, which is an additive mask's
+        if spec.mask_fill is not None:  # a filled score passes no gradient back
+            m = full_mask(spec, mask, q.shape[2], k.shape[2], q.device)
+            ds = ds if m is None else ds.masked_fill(~m, 0.0)
         dmask = ds if spec.mask_grad else None
         if dcap is not None:
             ds = ds * dcap

@@ -1,0 +1,1 @@
+"""Differential fuzzing of attnopt: generated attention modules run eager, compiled and exported."""
