@@ -230,10 +230,8 @@ class _Interpreter:
 
     def arange(self, node: Node, shape: tuple, dtype: torch.dtype) -> Value:
         args = node.args
-        if len(args) == 1:
-            start, end, step = 0, args[0], node.kwargs.get("step", 1)
-        else:
-            start, end, step = args[0], args[1], (args[2] if len(args) > 2 else node.kwargs.get("step", 1))
+        start = 0 if len(args) == 1 else args[0]  # the end is the recorded length
+        step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
         if not all(isinstance(v, int) for v in (start, step)):
             raise Unproven("arange with computed bounds")
         if dtype.is_floating_point:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import sympy
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..fx.normalize import meta, same
 from .interpret import I, Interpretation, Unproven
@@ -55,6 +56,8 @@ class Band:
         with the diagonal inside the band)."""
         if self.empty:
             return False
+        if self.unbounded:
+            return sk > 0 if isinstance(sk, int) else bool(statically_known_true(sk >= 1))
         if isinstance(sq, int) and isinstance(sk, int):
             if sq == 0:
                 return True

@@ -11,7 +11,6 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
-import torch
 from torch.fx import Graph, GraphModule
 
 from ..fx import Writes, may_mask
@@ -108,10 +107,10 @@ def _describe(site: AttentionSite) -> SiteReport:
 def _unsupported(site: AttentionSite) -> Optional[str]:
     """Why the op cannot compute the site as planned (None when it can)."""
     plan = site.plan
-    if site.kind == "hand_written" and site.mask_fill is None and site.attn_mask is not None \
+    if site.mask_fill is None and site.attn_mask is not None and meta(site.attn_mask).is_floating_point() \
             and not plan.rows_keep_a_key and plan.fill != -math.inf and may_mask(site.attn_mask):
-        return ("an additive mask may mask a row entirely with finite values, where the softmax written here "
-                "averages every key and differentiates through them, which the fused kernels do not reproduce")
+        return ("an additive mask may mask a row entirely with finite values, where the softmax averages every "
+                "key and differentiates through them as the kernel that runs does: torch's own kernels differ there")
     return None
 
 

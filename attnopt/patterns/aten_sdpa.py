@@ -29,7 +29,7 @@ from torch.fx import Graph, Node
 
 from ..fx import Writes
 from ..fx.normalize import meta, same
-from .calls import CallSite, bind, constant_reason, make_site, number_reason, set_band, unset_reason, value_of
+from .calls import CallSite, bind, constant_reason, lengths, make_site, number_reason, set_band, unset_reason
 from .site import AttentionSite
 
 _FP8 = {"q_descale": "fp8 descaling", "k_descale": "fp8 descaling", "v_descale": "fp8 descaling"}
@@ -85,18 +85,11 @@ def _flash_forward(node: Node, args: dict) -> CallSite:
         cs.reason = "only one of cum_seq_q and cum_seq_k is given"
     if cs.reason:
         return cs
-    if layout == "thd":
-        cs.cu_seqlens_q, cs.cu_seqlens_k, cs.max_seqlen_q, cs.max_seqlen_k = cu_q, cu_k, args["max_q"], args["max_k"]
-        sq, sk, equal = value_of(args["max_q"]), value_of(args["max_k"]), cu_q is cu_k
-    else:
-        q, k = meta(cs.query), meta(cs.key)
-        if q is None or k is None:
-            cs.reason = "q/k carry no shape metadata"
-            return cs
-        sq, sk = q.shape[1], k.shape[1]
-        equal = same(sq, sk)
+    found = lengths(cs, cu_q, cu_k, args["max_q"], args["max_k"])
+    if found is None:
+        return cs
     window = tuple(-1 if w is None else w for w in (args["window_size_left"], args["window_size_right"]))
-    set_band(cs, bool(args["is_causal"]), window, sq, sk, equal)
+    set_band(cs, bool(args["is_causal"]), window, *found)
     return cs
 
 

@@ -223,6 +223,20 @@ def set_band(site: CallSite, causal: bool, window: tuple, sq: Any, sk: Any, equa
     _flag(site, next(iter(bands.values())), equal)
 
 
+def lengths(cs: CallSite, cu_q: Optional[Node], cu_k: Optional[Node], max_q: Any,
+            max_k: Any) -> Optional[tuple[Any, Any, bool]]:
+    """(Sq, Sk, whether they are provably equal) of a BSHD call, or of a packed one (its offsets and
+    longest lengths recorded on the site); None, with the reason on the site, when q/k carry no shapes."""
+    if cs.layout == "thd":
+        cs.cu_seqlens_q, cs.cu_seqlens_k, cs.max_seqlen_q, cs.max_seqlen_k = cu_q, cu_k, max_q, max_k
+        return value_of(max_q), value_of(max_k), cu_q is cu_k
+    q, k = meta(cs.query), meta(cs.key)
+    if q is None or k is None:
+        cs.reason = "q/k carry no shape metadata"
+        return None
+    return q.shape[1], k.shape[1], same(q.shape[1], k.shape[1])
+
+
 def value_of(x: Any) -> Any:
     """A size or number as a value (the one recorded for a graph node)."""
     return meta(x) if isinstance(x, Node) else x

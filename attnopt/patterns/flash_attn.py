@@ -40,8 +40,8 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..fx import Writes
-from ..fx.normalize import canonical, meta, same
-from .calls import CallSite, bind, constant_reason, make_site, number_reason, set_band, unset_reason, value_of
+from ..fx.normalize import canonical, meta
+from .calls import CallSite, bind, constant_reason, lengths, make_site, number_reason, set_band, unset_reason
 from .layout_chain import _is_identity
 from .site import AttentionSite
 
@@ -99,18 +99,11 @@ def _call_site(node: Node, family: _Family, args: dict) -> CallSite:
     if cs.reason:
         return cs
     window = (args["window_size_left"], args["window_size_right"])
-    if varlen:
-        cs.cu_seqlens_q, cs.cu_seqlens_k = args["cu_seqlens_q"], args["cu_seqlens_k"]
-        cs.max_seqlen_q, cs.max_seqlen_k = args["max_seqlen_q"], args["max_seqlen_k"]
-        sq, sk, equal = value_of(cs.max_seqlen_q), value_of(cs.max_seqlen_k), cs.cu_seqlens_q is cs.cu_seqlens_k
-    else:
-        q, k = meta(cs.query), meta(cs.key)
-        if q is None or k is None:
-            cs.reason = "q/k carry no shape metadata"
-            return cs
-        sq, sk = q.shape[1], k.shape[1]
-        equal = same(sq, sk)
-    set_band(cs, bool(args["causal"]), window, sq, sk, equal, family.kernels)
+    found = lengths(cs, args.get("cu_seqlens_q"), args.get("cu_seqlens_k"), args.get("max_seqlen_q"),
+                    args.get("max_seqlen_k"))
+    if found is None:
+        return cs
+    set_band(cs, bool(args["causal"]), window, *found, family.kernels)
     return cs
 
 

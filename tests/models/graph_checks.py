@@ -34,18 +34,24 @@ def _layout_region(start: Node, up: bool) -> set[Node]:
     return region
 
 
+def overhead_around(operands, outputs) -> set[str]:
+    """Names of the layout copies, K/V repetitions and V pads above ``operands`` and the copies
+    and slices below ``outputs`` (walking layout ops only, so projections and masks are not counted)."""
+    names = set()
+    for operand in operands:
+        names.update(n.name for n in _layout_region(operand, up=True) if _materialises(n, up=True))
+    for out in outputs:
+        names.update(n.name for n in _layout_region(out, up=False) if _materialises(n, up=False))
+    return names
+
+
 def attention_overhead(gm: GraphModule) -> set[str]:
-    """Names of the layout copies, K/V repetitions, V pads and output slices next to each SDPA
-    call of ``gm`` (walking layout ops only, so projections and masks are not counted)."""
+    """The overhead around every SDPA call of ``gm`` (see ``overhead_around``)."""
     names = set()
     for node in gm.graph.nodes:
         args = sdpa_args(node)
-        if args is None:
-            continue
-        for operand in (args["query"], args["key"], args["value"]):
-            names.update(n.name for n in _layout_region(operand, up=True) if _materialises(n, up=True))
-        for user in node.users:
-            names.update(n.name for n in _layout_region(user, up=False) if _materialises(n, up=False))
+        if args is not None:
+            names |= overhead_around((args["query"], args["key"], args["value"]), node.users)
     return names
 
 

@@ -15,11 +15,10 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 import attnopt
-from attnopt.fx.normalize import canonical, meta, sdpa_args, shape
 from attnopt.patterns.calls import bind
 from tests.conftest import Capture
+from tests.models.graph_checks import attnopt_calls, overhead_around, sdpa_calls
 
-ATTN = torch.ops.attnopt.attention.default
 CALLS = {"aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
          "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
          "aten::_flash_attention_forward", "torch_attn::_varlen_attn", "flash_attn::_flash_attn_forward",
@@ -38,45 +37,12 @@ def attention_calls(gm: GraphModule) -> list[Node]:
     return calls
 
 
-def attnopt_calls(gm: GraphModule) -> list[Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTN]
-
-
-def sdpa_calls(gm: GraphModule) -> list[Node]:
-    return [n for n in gm.graph.nodes if sdpa_args(n) is not None]
-
-
-def _materialises(node: Node, up: bool) -> bool:
-    """A copy of a non-contiguous tensor, a real K/V repeat, a V pad (up) or the slice undoing it."""
-    c = canonical(node)
-    if c.kind == "copy":
-        return not meta(c.input).is_contiguous()
-    if c.kind in ("expand", "repeat_interleave"):
-        return shape(node) != shape(c.input)
-    return c.kind == ("pad" if up else "slice")
-
-
-def _region(start: Node, up: bool) -> set[Node]:
-    region, stack = set(), [start]
-    while stack:
-        n = stack.pop()
-        if n in region or canonical(n) is None:
-            continue
-        region.add(n)
-        stack.extend([canonical(n).input] if up else n.users)
-    return region
-
-
 def call_overhead(gm: GraphModule) -> set[str]:
     """Names of the copies, repetitions, pads and trims next to each attention call of ``gm``."""
     names = set()
     for call in attention_calls(gm):
-        for operand in call.all_input_nodes:
-            names.update(n.name for n in _region(operand, up=True) if _materialises(n, up=True))
         outputs = [u for u in call.users if u.target is operator.getitem and u.args[1] == 0]
-        for out in outputs:
-            for user in out.users:
-                names.update(n.name for n in _region(user, up=False) if _materialises(n, up=False))
+        names |= overhead_around(call.all_input_nodes, [user for out in outputs for user in out.users])
     return names
 
 
