@@ -134,20 +134,32 @@ def _is_zero(x: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
+def _all_zeros(node: object, like: Node) -> bool:
+    """A graph-made tensor of zeros with ``like``'s shape (what a mask is filled into)."""
+    return isinstance(node, Node) and op_name(node) in ("zeros", "zeros_like", "new_zeros") \
+        and meta(node) is not None and tuple(meta(node).shape) == tuple(meta(like).shape)
+
+
 def _keep_mask(req: MaskRequest) -> tuple[Optional[Node], bool, Optional[float], Optional[str]]:
     """(bool mask to analyse, negated, fill, None) or (None, ..., why not).
 
-    An additive mask is analysed when built as ``where(keep, 0, fill)`` with a fill of -inf or
-    at most its dtype's lowest finite value; the fill decides what a row masked entirely gives.
+    An additive mask is analysed when built as ``where(keep, 0, fill)`` or
+    ``zeros(...).masked_fill(~keep, fill)`` with a fill of -inf or at most its dtype's lowest finite
+    value; the fill decides what a row masked entirely gives.
     """
     mask, value = req.mask, meta(req.mask)
     if value.dtype == torch.bool:
         return mask, req.negated, req.fill if req.fill is not None else -math.inf, None
+    masking = lambda fill: isinstance(fill, float) and (fill == -math.inf or fill <= torch.finfo(value.dtype).min)
+    is_bool = lambda node: isinstance(node, Node) and meta(node) is not None and meta(node).dtype == torch.bool
     if op_name(mask) == "where" and len(mask.args) == 3:
         cond, zero, fill = mask.args
-        if isinstance(cond, Node) and meta(cond) is not None and meta(cond).dtype == torch.bool and _is_zero(zero) \
-                and isinstance(fill, float) and (fill == -math.inf or fill <= torch.finfo(value.dtype).min):
+        if is_bool(cond) and _is_zero(zero) and masking(fill):
             return cond, False, fill, None
+    if op_name(mask) == "masked_fill" and len(mask.args) == 3:  # zeros(...).masked_fill(~keep, -inf)
+        zeros, dropped, fill = mask.args
+        if is_bool(dropped) and _all_zeros(zeros, mask) and masking(fill):
+            return dropped, True, fill, None
     return None, False, None, "an additive mask or bias (not built as where(keep, 0, -inf))"
 
 

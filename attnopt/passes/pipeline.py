@@ -107,11 +107,20 @@ def _describe(site: AttentionSite) -> SiteReport:
 def _unsupported(site: AttentionSite) -> Optional[str]:
     """Why the op cannot compute the site as planned (None when it can)."""
     plan = site.plan
-    if site.mask_fill is None and site.attn_mask is not None and meta(site.attn_mask).is_floating_point() \
-            and not plan.rows_keep_a_key and plan.fill != -math.inf and may_mask(site.attn_mask):
+    finite_rows = site.mask_fill is None and site.attn_mask is not None and meta(site.attn_mask).is_floating_point() \
+        and not plan.rows_keep_a_key and plan.fill != -math.inf and may_mask(site.attn_mask)
+    if finite_rows and (site.kind != "sdpa" or _changes_torchs_kernel(site)):
         return ("an additive mask may mask a row entirely with finite values, where the softmax averages every "
                 "key and differentiates through them as the kernel that runs does: torch's own kernels differ there")
     return None
+
+
+def _changes_torchs_kernel(site: AttentionSite) -> bool:
+    """The rewrite hands the op operands for which torch's SDPA would pick another CPU kernel: a V
+    padded for it (equal head dims) read unpadded, or a head dim that is not unit-stride (torch's
+    math kernel, the op's fused one after a copy)."""
+    operands = (site.query, site.key, site.value)
+    return getattr(site.value, "pad", 0) > 0 or any(meta(op.source).stride(-1) != 1 for op in operands)
 
 
 def _remap(site: AttentionSite, replaced: dict) -> None:
