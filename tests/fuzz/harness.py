@@ -247,7 +247,7 @@ def _mask_must_go(spec: Spec) -> bool:
         return False
     if m.name == "documents":
         return m["band"] in _DOCUMENT_BANDS
-    return not (m.name == "padding" and m["form"] == "additive_min")  # a padded row may keep no key
+    return not (m.name == "padding" and m["form"] in ("additive_min", "additive_tensor0"))  # a padded row may keep no key
 
 
 def mask_kept(site) -> bool:
