@@ -207,10 +207,11 @@ def _empty_rows(spec: AttnSpec, call: Call, packed: Optional[_Packed]) -> Option
 def _nan_queries(call: Call, q: Tensor) -> Optional[Tensor]:
     """Query rows holding a NaN ([B, Hq, Sq], from the [B, Hq, Sq, D] view), where the call asks for
     eager's NaNs (a hand-written softmax spreads a NaN query over its row and, through backward,
-    over its key/value head); None when there are none to look for."""
+    over its key/value head); None when there are none."""
     if call.empty_rows == "zero" or call.sinks is not None:
         return None
-    return q.isnan().any(-1)
+    rows = q.isnan().any(-1)
+    return rows if bool(rows.any()) else None  # one host read: nothing more to do in the usual case
 
 
 def _reduce_to(grad: Tensor, mask: Tensor) -> Tensor:

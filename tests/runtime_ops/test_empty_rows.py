@@ -212,3 +212,25 @@ def test_nan_rows_through_torch_compile(backend):
     assert_same(out, ref)
     for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), want):
         assert_same(g, w)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("mode", ["nan", "nan_additive"])
+def test_a_nan_query_spreads_as_in_eager(kernel, mode):
+    """A query row holding a NaN (an earlier attention's row that kept no key): its output row is
+    NaN, and backward spreads NaN over dQ's row, dV of its key/value head, and dK wherever the row's
+    NaN scores reach or the query itself is NaN (0 * NaN is NaN)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 6, 8, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    q[0, 1, 3, :4] = float("nan")  # half of one query's components
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    keep = torch.arange(6)[None, :] <= torch.arange(6)[:, None]
+    args = (q, k, v)
+    mask = keep if mode == "nan" else torch.zeros(6, 6, dtype=torch.float64).masked_fill(~keep, NEG)
+    out = R.attention(*args, mask, kernel=kernel, empty_rows=mode)
+    ref = eager(*args, keep, mode)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
+        torch.testing.assert_close(got, want, equal_nan=True)
