@@ -123,8 +123,9 @@ def lower_to_op(gm: GraphModule, site: AttentionSite, kernel: str = "auto") -> L
         whole = out  # the output in out_layout, as the op writes it
         if tuple(meta(out).shape) != tuple(meta(out_use.node).shape):  # the readers' view merges axes of it:
             out = build(aten.reshape.default, out, list(meta(out_use.node).shape))  # [B*H, Sq, Dv], [S, B, H*Dv]
-        if out_use.written:  # the graph writes it in place: not the tensor the op keeps for backward
-            out = build(aten.clone.default, out)
+        if out_use.written:  # the graph writes it in place: not the tensor the op keeps for backward, and laid
+            # out as the original's output (contiguous), so that later copies of it copy as they did
+            out = build(aten.clone.default, out, memory_format=torch.contiguous_format)
     out_use.node.replace_all_uses_with(out)
     replaced = {out_use.node: out}
     chain = set(out_use.skipped)

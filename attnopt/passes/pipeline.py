@@ -115,6 +115,27 @@ def _unsupported(site: AttentionSite) -> Optional[str]:
     return None
 
 
+def _refuse_nan_readers(sites: list[AttentionSite]) -> None:
+    """For the portable target: a hand-written site reading what an attention before it may leave
+    NaN (a written softmax's row that keeps no key) stays as written, since SDPA does not spread
+    a NaN query or key as the softmax written there does (the op does)."""
+    sources = [s.node for s in sites if s.kind == "hand_written"
+               and (s.plan is None or (s.empty_rows != "zero" and not s.plan.rows_keep_a_key))]
+    reached, stack = set(sources), list(sources)
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user not in reached:
+                reached.add(user)
+                stack.append(user)
+    for site in sites:
+        if site.skip_reason is None and site.kind == "hand_written" \
+                and any(op.source in reached for op in (site.query, site.key, site.value)):
+            site.skip_reason = ("reads the output of an attention that may leave a row NaN, which plain SDPA "
+                                "does not spread as the softmax written here does: left as written for "
+                                "target='portable'")
+
+
 def _changes_torchs_kernel(site: AttentionSite) -> bool:
     """The rewrite hands the op operands for which torch's SDPA would pick another CPU kernel: a V
     padded for it (equal head dims) read unpadded, or a head dim that is not unit-stride (torch's
@@ -205,6 +226,8 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
                 site.skip_reason = flex_refusal(site, target) or _unsupported(site)
             if site.skip_reason is None and target == "portable":
                 site.skip_reason = sdpa_refusal(site)
+        if target == "portable":
+            _refuse_nan_readers(sites)
         replaced: dict = {}  # nodes an earlier lowering replaced, which a later site may read
         for site in sites:
             rep = _describe(site)

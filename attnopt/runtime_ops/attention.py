@@ -204,14 +204,21 @@ def _empty_rows(spec: AttnSpec, call: Call, packed: Optional[_Packed]) -> Option
     return empty_rows.find_dense(spec, call.attn_mask, call.seqused_k, call.query.device)
 
 
-def _nan_queries(call: Call, q: Tensor) -> Optional[Tensor]:
-    """Query rows holding a NaN ([B, Hq, Sq], from the [B, Hq, Sq, D] view), where the call asks for
-    eager's NaNs (a hand-written softmax spreads a NaN query over its row and, through backward,
-    over its key/value head); None when there are none."""
+def _nan_inputs(call: Call, kern: kernels.Kernel, q: Tensor, k: Tensor,
+                v: Tensor) -> tuple[Optional[Tensor], kernels.Kernel]:
+    """Where the call asks for eager's NaNs (a hand-written softmax): the query rows holding a NaN
+    ([B, Hq, Sq], from [B, H, S, D] views; None when there are none), which spread over their row
+    and, through backward, over their key/value head; and the kernel to run: a NaN in K or V
+    reaches rows and gradients through the scores and the product with V as the written chain's
+    own ops take it, which the math kernel repeats and fused kernels need not (unless a kernel was
+    forced). One reduction of each and one host read; nothing more in the usual case."""
     if call.empty_rows == "zero" or call.sinks is not None:
-        return None
+        return None, kern
     rows = q.isnan().any(-1)
-    return rows if bool(rows.any()) else None  # one host read: nothing more to do in the usual case
+    found_q, found_kv = torch.stack([rows.any(), k.isnan().any() | v.isnan().any()]).tolist()
+    if found_kv and call.kernel_name == "auto":
+        kern = kernels.KERNELS["math"]
+    return (rows if found_q else None), kern
 
 
 def _reduce_to(grad: Tensor, mask: Tensor) -> Tensor:
@@ -234,18 +241,19 @@ _BACKWARD_OP = torch.ops.attnopt.attention_backward.default
 def _attention(*args):
     call = complete(args)
     spec, kern, packed = _plan(call)
-    _record("forward", kern.name, spec)
     q, k, v = _readable(kern, call.query, call.key, call.value)
-    sinks = call.sinks
+    sinks, nan_q = call.sinks, None
     if packed is not None:
+        _record("forward", kern.name, spec)
         out, lse, rng = _forward_varlen(kern, spec, packed, q, k, v, sinks if kern.sinks == "native" else None)
     else:
         if call.seqused_k is not None:
             check_seqused_k(call.seqused_k, spec.seqlen_k)
         q, k, v = (t.permute(TO_BHSD[call.layout]) for t in (q, k, v))
-        nan_q = _nan_queries(call, q)
+        nan_q, kern = _nan_inputs(call, kern, q, k, v)
         if nan_q is not None:  # the kernel runs them as zeros; eager's NaN rows are written below
             q = q.masked_fill(nan_q[..., None], 0.0)
+        _record("forward", kern.name, spec)
         kspec, extra = _kernel_args(kern, spec, call, forward=True)
         out, lse, rng = kern.forward(kspec, q, k, v, **extra)
     if sinks is not None and kern.sinks == "lse":
@@ -279,13 +287,14 @@ def _attention_fake(*args):
 def _attention_backward(grad_out, out, lse, rng_state, *args):
     call = complete(args)
     spec, kern, packed = _plan(call)
-    _record("backward", kern.name, spec)
     q, k, v, grad_out, out = _readable(kern, call.query, call.key, call.value, grad_out, out)
+    nan_q = None
     if packed is None:
         q, k, v = (t.permute(TO_BHSD[call.layout]) for t in (q, k, v))
         grad_out, out = (t.permute(TO_BHSD[spec.out_layout]) for t in (grad_out, out))
+        nan_q, kern = _nan_inputs(call, kern, q, k, v)
+    _record("backward", kern.name, spec)
     rows = _empty_rows(spec, call, packed) if call.empty_rows != "zero" else None
-    nan_q = _nan_queries(call, q) if packed is None else None
     if nan_q is not None:
         q_read, q = q, q.masked_fill(nan_q[..., None], 0.0)
     quiet = rows if nan_q is None else nan_q if rows is None else rows | nan_q

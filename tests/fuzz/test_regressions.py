@@ -381,6 +381,39 @@ def test_hand_written_nan_query_row_stays_nan():
     assert_like_eager(HandWrittenNaNQueryRow)
 
 
+class AttentionReadsAStrictBandsOutput(nn.Module):
+    """A strict upper band leaves the last row with no key (NaN as written); a second hand-written
+    attention reads that output as its query and so has a NaN row of its own."""
+
+    def forward(self, q, k, v):
+        qi, ki = causal()
+        o = hand_written(q, k, v, scores=lambda s: s.masked_fill(ki <= qi, float("-inf")))
+        return flat(hand_written(o, k, v))
+
+
+def test_attention_reading_a_nan_row_portable():
+    """target="portable": the first site stays as written (SDPA gives zeros there) and so must the
+    second (SDPA would not spread the NaN query over its row as the written softmax does)."""
+    rep = run_exported(lambda: AttentionReadsAStrictBandsOutput().double(), qkv, target="portable")
+    assert rep["error"] is None and not rep["errors"], rep["error"] or rep["errors"]
+    assert rep["mismatch"] is None, rep["mismatch"]
+    assert [s.status for s in rep["sites"]] == ["skipped", "skipped"]
+
+
+class HandWrittenNaNKey(nn.Module):
+    """A key row holding a NaN: a causal fill drops it from the rows before it; the rows that read
+    it are NaN, and so are the gradients it reaches."""
+
+    def forward(self, q, k, v):
+        k = k * torch.tensor([1.0] * (S - 2) + [float("nan"), 1.0], dtype=k.dtype)[:, None]
+        qi, ki = causal()
+        return flat(hand_written(q, k, v, scores=lambda s: s.masked_fill(ki > qi, float("-inf"))))
+
+
+def test_hand_written_nan_key_row():
+    assert_like_eager(HandWrittenNaNKey, lowered=True)
+
+
 class HandWrittenCacheLength(nn.Module):
     """Decode over a static cache, hand-written: keys k <= q + (tokens already cached), filled with
     masked_fill(~keep, -inf); inference."""

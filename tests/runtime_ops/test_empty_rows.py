@@ -234,3 +234,25 @@ def test_a_nan_query_spreads_as_in_eager(kernel, mode):
     grad = torch.randn_like(ref)
     for got, want in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["nan", "nan_additive"])
+@pytest.mark.parametrize("operand", ["key", "value"])
+def test_a_nan_key_or_value_spreads_as_in_eager(mode, operand):
+    """A key or value row holding a NaN reaches the rows and gradients the written chain's own ops
+    take it to (a filled score drops a NaN key; 0 * NaN in the product with V does not): the op
+    runs the math kernel, which repeats those ops."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64) for _ in range(3))
+    (k if operand == "key" else v)[0, 0, 4, 1] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    keep = torch.arange(6)[None, :] <= torch.arange(6)[:, None]
+    mask = keep if mode == "nan" else torch.zeros(6, 6, dtype=torch.float64).masked_fill(~keep, NEG)
+    with R.trace_kernels() as calls:
+        out = R.attention(q, k, v, mask, empty_rows=mode)
+        ref = eager(q, k, v, keep, mode)
+        torch.testing.assert_close(out, ref, equal_nan=True)
+        grad = torch.randn_like(ref)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(got, want, equal_nan=True)
+    assert {c.kernel for c in calls} == {"math"}
