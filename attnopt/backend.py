@@ -20,24 +20,45 @@ from .report.dump import observe
 CompilerFn = Callable[[GraphModule, list], Callable]
 
 
-def _inner(inner: Union[str, CompilerFn], options: dict) -> CompilerFn:
-    """The inner compiler ``inner`` names, checked now rather than at the first compile."""
-    if callable(inner):
+def _inner(inner: Union[str, CompilerFn], options: dict) -> Callable[..., Callable]:
+    """The inner compiler ``inner`` names, checked now rather than at the first compile. It takes
+    torch.compile's ``mode`` and ``options`` as Inductor does; other compilers refuse them."""
+    if callable(inner) or inner != "inductor":
         if options:
             raise ValueError(f"attnopt.backend: options {sorted(options)} are only understood by inner='inductor'")
+        compiler = _named(inner)
+        name = inner if isinstance(inner, str) else getattr(inner, "__name__", repr(inner))
+
+        def other(gm: GraphModule, example_inputs: list, mode: Optional[str] = None,
+                  options: Optional[dict] = None) -> Callable:
+            if mode not in (None, "default") or options:
+                raise ValueError(f"attnopt: torch.compile's mode= and options= are Inductor's; this attnopt "
+                                 f"backend compiles with {name!r} (attnopt.backend(inner='inductor') takes them)")
+            return compiler(gm, example_inputs)
+
+        return other
+    from torch._inductor import config
+
+    unknown = sorted(set(options) - set(config.get_config_copy()))
+    if unknown:
+        raise ValueError(f"attnopt.backend: {unknown} are not Inductor options (torch._inductor.config)")
+    patches = dict(options)
+
+    def inductor(gm: GraphModule, example_inputs: list, mode: Optional[str] = None,
+                 options: Optional[dict] = None) -> Callable:
+        # what torch.compile(backend="inductor", mode=..., options=...) builds; the backend's own
+        # options are patched over it
+        compile_fx = torch._TorchCompileInductorWrapper(mode, options, None)
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+    return inductor
+
+
+def _named(inner: Union[str, CompilerFn]) -> CompilerFn:
+    if callable(inner):
         return inner
     if not isinstance(inner, str):
         raise TypeError(f"attnopt.backend: inner must be a backend name or a callable, got {type(inner).__name__}")
-    if inner == "inductor":
-        from torch._inductor import config
-        from torch._inductor.compile_fx import compile_fx
-
-        unknown = sorted(set(options) - set(config.get_config_copy()))
-        if unknown:
-            raise ValueError(f"attnopt.backend: {unknown} are not Inductor options (torch._inductor.config)")
-        return lambda gm, ex: compile_fx(gm, ex, config_patches=options or None)
-    if options:
-        raise ValueError(f"attnopt.backend: options {sorted(options)} are only understood by inner='inductor'")
     if inner == "attnopt":
         raise ValueError("attnopt.backend: inner='attnopt' would run attnopt's passes twice; name the compiler "
                          "that should run after them, such as 'inductor' or 'aot_eager'")
@@ -53,8 +74,10 @@ def backend(inner: Union[str, CompilerFn] = "inductor", *, kernel: str = "auto",
             dump_dir: Union[str, os.PathLike, None] = None, **inner_options: Any) -> CompilerFn:
     """A torch.compile backend that lowers attention, then compiles with ``inner``.
 
-    ``inner`` is "inductor" (default; ``inner_options`` become Inductor config patches), any
-    registered backend name such as "aot_eager", or a backend callable. ``kernel`` forces one
+    ``inner`` is "inductor" (default; ``inner_options`` become Inductor config patches, and
+    torch.compile's ``mode=`` and ``options=`` reach it as they reach Inductor, so
+    ``mode="reduce-overhead"`` captures CUDA graphs), any registered backend name such as
+    "aot_eager", or a backend callable. ``kernel`` forces one
     attention kernel for every site. ``target`` "portable" lowers to plain SDPA on strided views
     with ``enable_gqa`` instead of the attnopt op. ``strict`` turns pass failures into errors
     instead of a warning and the unmodified graph. ``on_result(before, after, result)`` sees
@@ -81,12 +104,13 @@ def backend(inner: Union[str, CompilerFn] = "inductor", *, kernel: str = "auto",
             raise ValueError(f"attnopt.backend: dump_dir {str(dump_dir)!r} exists and is not a folder")
     compile_inner = _inner(inner, inner_options)
 
-    def attnopt_backend(gm: GraphModule, example_inputs: list) -> Callable:
+    def attnopt_backend(gm: GraphModule, example_inputs: list, **compile_options: Any) -> Callable:
+        """``compile_options``: torch.compile's ``mode`` and ``options``, for the inner compiler."""
         new_gm, result = optimize_graph(gm, kernel=kernel, strict=strict, target=target)
         observe(gm, new_gm, result, dump_dir or os.environ.get("ATTNOPT_DUMP_DIR"))
         if on_result is not None:
             on_result(gm, new_gm, result)
-        return compile_inner(new_gm, example_inputs)
+        return compile_inner(new_gm, example_inputs, **compile_options)
 
     return attnopt_backend
 

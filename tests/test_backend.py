@@ -46,3 +46,40 @@ def test_good_arguments_build_and_compile(tmp_path):
     torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x))
     torch._dynamo.reset()
     assert seen[-1].lowered == 1 and (tmp_path / "new" / "graph_000" / "index.html").exists()
+
+
+@pytest.mark.parametrize("mode, options, patched", [
+    ("reduce-overhead", None, {"triton.cudagraphs": True}),
+    ("max-autotune", None, {"max_autotune": True}),
+    (None, {"max_autotune": True, "epilogue_fusion": False}, {"max_autotune": True, "epilogue_fusion": False}),
+])
+def test_compile_mode_and_options_reach_inductor(monkeypatch, mode, options, patched):
+    """torch.compile(backend="attnopt", mode=..., options=...) hands them to Inductor as
+    backend="inductor" would (on the CPU, CUDA graphs are skipped and the model still runs)."""
+    import torch._inductor.compile_fx as compile_fx
+
+    seen, real = [], compile_fx.compile_fx
+
+    def recording(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return real(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx", recording)
+    monkeypatch.setattr(torch._inductor.config, "max_autotune_gemm_backends", "ATEN")  # no Triton GEMM search on CPU
+    torch._dynamo.reset()
+    model = LlamaAttention(64, 4, 2)
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    compiled = torch.compile(model, backend="attnopt", mode=mode, options=options)
+    out = compiled(x)
+    out.sum().backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, model(x))
+    assert seen and seen[0].items() >= patched.items()  # the outer call; it patches the config for the rest
+
+
+def test_compile_mode_with_another_inner_compiler_says_so():
+    torch._dynamo.reset()
+    compiled = torch.compile(LlamaAttention(64, 4, 2), backend=attnopt.backend("aot_eager"), mode="reduce-overhead")
+    with pytest.raises(Exception, match="mode= and options= are Inductor's; this attnopt backend compiles with 'aot_eager'"):
+        compiled(torch.randn(2, 8, 64))
+    torch._dynamo.reset()

@@ -24,8 +24,8 @@ from torch import Tensor
 from . import empty_rows, kernels, sinks as sink_math
 from .args import (DEFAULTS, FRONT_TO_OP, INDEX, NAMES, POSITIONAL, SCHEMA, TENSORS, Call, bind, complete, front_doc,
                    front_signature)
-from .spec import (FROM_BHSD, TO_BHSD, AttnSpec, build_spec, check_cu_seqlens, check_seqused_k, lse_shape,
-                   out_shape)
+from .spec import (FROM_BHSD, TO_BHSD, AttnSpec, build_spec, capturing, check_cu_seqlens, check_seqused_k,
+                   lse_shape, out_shape)
 
 log = logging.getLogger("attnopt")
 
@@ -73,6 +73,10 @@ class _Packed:
 
     def offsets(self) -> tuple[list[int], list[int]]:
         """The offsets on the host, for kernels that run one sequence at a time."""
+        if capturing(self.cu_q):
+            raise RuntimeError("attnopt.attention: this kernel runs packed sequences one at a time, from offsets "
+                               "read on the host, which a CUDA graph cannot capture; use a kernel with packed "
+                               "sequences of its own (kernel='auto' picks one where the GPU has it)")
         return self.cu_q.tolist(), self.cu_k.tolist()
 
 
@@ -104,8 +108,12 @@ def _describe(call: Call) -> tuple[AttnSpec, Optional[_Packed]]:
 def _fill_drops_keys(spec: AttnSpec, call: Call) -> bool:
     """A finite ``mask_fill`` gives every masked key exactly weight 0, as -inf does, when every row
     keeps a key and no kept score can come within the float's underflow of the fill: scores are
-    bounded by the softcap, or by scale * max |q| * max |k|. One host read per call."""
+    bounded by the softcap, or by scale * max |q| * max |k|. One host read per call; none while a
+    CUDA graph is captured, whose replays see other values: the math kernel then runs the fill as
+    written."""
     device = call.query.device
+    if capturing(call.query):
+        return False
     underflow = 746.0 if spec.dtype == torch.float64 else 104.0  # exp(-x) is 0 beyond (float64 / float32)
     if spec.softcap:
         bound = torch.tensor(spec.softcap, device=device)
@@ -206,13 +214,17 @@ def _empty_rows(spec: AttnSpec, call: Call, packed: Optional[_Packed]) -> Option
 
 def _nan_inputs(call: Call, kern: kernels.Kernel, q: Tensor, k: Tensor,
                 v: Tensor) -> tuple[Optional[Tensor], kernels.Kernel]:
-    """Where the call asks for eager's NaNs (a hand-written softmax): the query rows holding a NaN
-    ([B, Hq, Sq], from [B, H, S, D] views; None when there are none), which spread over their row
-    and, through backward, over their key/value head; and the kernel to run: a NaN in K or V
-    reaches rows and gradients through the scores and the product with V as the written chain's
-    own ops take it, which the math kernel repeats and fused kernels need not (unless a kernel was
-    forced). One reduction of each and one host read; nothing more in the usual case."""
-    if call.empty_rows == "zero" or call.sinks is not None:
+    """Where the call asks for eager's NaNs (a hand-written softmax) on the CPU: the query rows
+    holding a NaN ([B, Hq, Sq], from [B, H, S, D] views; None when there are none), which spread
+    over their row and, through backward, over their key/value head; and the kernel to run: a NaN
+    in K or V reaches rows and gradients through the scores and the product with V as the written
+    chain's own ops take it, which the math kernel repeats and fused kernels need not (unless a
+    kernel was forced). One reduction of each and one host read; nothing more in the usual case.
+
+    On an accelerator that host read would stall every call (and cannot be captured in a CUDA
+    graph), so NaN inputs go through the fused kernel as it propagates them: a row that reads a
+    NaN is NaN, but gradients may not be NaN in every entry where eager's are."""
+    if call.empty_rows == "zero" or call.sinks is not None or q.device.type != "cpu":
         return None, kern
     rows = q.isnan().any(-1)
     found_q, found_kv = torch.stack([rows.any(), k.isnan().any() | v.isnan().any()]).tolist()

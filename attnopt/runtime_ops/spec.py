@@ -99,6 +99,11 @@ def key_lengths_as_mask(spec: AttnSpec) -> AttnSpec:
     return replace(spec, seqused=False, window=(-1, -1), mask_dtype=spec.mask_dtype or torch.bool)
 
 
+def capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``t``'s device: no value may be read on the host then."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _fail(msg: str) -> None:
     raise ValueError(f"attnopt.attention: {msg}")
 
@@ -293,11 +298,14 @@ def check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max
 
     One read of a few numbers on the host, which waits for the GPU: done once per offsets tensor
     (the layers of a model share one, and backward sees the forward's), and again only when the
-    tensor is written to in place."""
+    tensor is written to in place. Not while a CUDA graph is captured: its replays read other
+    offsets, so the given maxima stand and nothing is checked or trimmed."""
     key = (cu_q._version, cu_k._version, total_q, total_k, max_q, max_k)
     hit = _checked.get(cu_q)
     if hit is not None and hit[0]() is cu_k and hit[1] == key:
         return hit[2]
+    if capturing(cu_q):  # the graph replays with other offsets: trust the given maxima, trim nothing
+        return cu_q.shape[0] - 1, max(max_q, 1), max(max_k, 1), False
     result = _read_cu_seqlens(cu_q, cu_k, total_q, total_k, max_q, max_k)
     _checked[cu_q] = (weakref.ref(cu_k), key, result)
     return result

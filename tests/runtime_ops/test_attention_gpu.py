@@ -345,3 +345,61 @@ def test_key_lengths_out_of_range_fail_on_the_device():
     bad = subprocess.run([sys.executable, "-c", code.format(257)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert bad.returncode != 0 and "assert" in bad.stderr.lower(), bad.stderr[-2000:]
+
+
+def test_a_hand_written_call_never_waits_for_the_device():
+    """A hand-written site (eager's NaN rows asked for) and packed sequences whose offsets were
+    read once: forward and backward issue no host read, so nothing stalls the launch queue."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    keep = torch.ones(512, 512, device="cuda", dtype=torch.bool).tril()
+    cu = torch.tensor([0, 300, 512, 1024], device="cuda", dtype=torch.int32)
+    packed = [t.detach().transpose(1, 2).reshape(1024, 8, 64).requires_grad_() for t in (q, k, v)]
+    R.attention(*packed, layout="thd", cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=512, max_seqlen_k=512)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("nan", "nan_additive"):
+            mask = keep if mode == "nan" else torch.zeros(keep.shape, device="cuda", dtype=q.dtype).masked_fill(~keep, NEG)
+            out = R.attention(q, k, v, mask, empty_rows=mode)
+            torch.autograd.grad(out.sum(), (q, k, v))
+        out = R.attention(*packed, layout="thd", cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=512,
+                          max_seqlen_k=512, is_causal=True, empty_rows="nan")
+        torch.autograd.grad(out.sum(), packed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_training_step_in_cuda_graphs(monkeypatch):
+    """torch.compile(backend="attnopt", mode="reduce-overhead"): a training step of a Llama
+    attention block captures and replays as CUDA graphs (no graph skipped), its gradients equal
+    to eager's."""
+    from torch._dynamo.utils import counters
+
+    from attnopt.demo_model import LlamaAttention
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+    captures, begin = [], torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
+                        lambda self, *a, **kw: (captures.append(1), begin(self, *a, **kw))[1])
+    model = LlamaAttention(512, 8, 2).cuda().to(torch.bfloat16)
+    compiled = torch.compile(model, backend="attnopt", mode="reduce-overhead")
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):  # warm up, record, replay
+        model.zero_grad()
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(x)
+        out.float().square().mean().backward()
+    out, got = out.clone(), [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = model(x)
+    ref.float().square().mean().backward()
+    assert rel_err(out, ref) < TOL
+    for g, p in zip(got, model.parameters()):
+        assert rel_err(g, p.grad) < TOL
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert len(captures) >= 2  # forward and backward graphs
+    torch._dynamo.reset()
