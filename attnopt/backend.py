@@ -46,10 +46,12 @@ def _inner(inner: Union[str, CompilerFn], options: dict) -> Callable[..., Callab
 
     def inductor(gm: GraphModule, example_inputs: list, mode: Optional[str] = None,
                  options: Optional[dict] = None) -> Callable:
-        # what torch.compile(backend="inductor", mode=..., options=...) builds; the backend's own
-        # options are patched over it
-        compile_fx = torch._TorchCompileInductorWrapper(mode, options, None)
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+        # the config torch.compile(backend="inductor", mode=..., options=...) patches (checked as
+        # torch checks it), with the backend's own options over it
+        from torch._inductor.compile_fx import compile_fx
+
+        config = torch._TorchCompileInductorWrapper(mode, options, None).config
+        return compile_fx(gm, example_inputs, config_patches={**config, **patches} or None)
 
     return inductor
 

@@ -10,7 +10,7 @@ plus the time attnopt's passes take against Inductor's compile time.
     python bench/train_step.py --documents 4     # Llama on packed rows: 4 documents, position ids restart
     python bench/train_step.py --small --cpu     # 2 layers of hidden 256 on CPU, to try the script anywhere
 
-All at S=4096, B=1, bf16, fused AdamW on the GPU.
+All at S=4096, B=1 (``--seq``, ``--batch``), bf16, fused AdamW on the GPU.
 """
 from __future__ import annotations
 
@@ -148,6 +148,7 @@ def main() -> None:
     p.add_argument("--model", choices=["llama", "mla", "megatron"], default="llama")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--variants", default="eager,inductor,attnopt")
     p.add_argument("--small", action="store_true", help="2 layers, hidden 256, S=512 (any --model)")
@@ -172,7 +173,7 @@ def main() -> None:
             fwd = torch.compile(model, backend=timed_attnopt_backend(stats))
         else:
             fwd = model
-        ids = torch.randint(0, vocab, (1, seq), device=device)
+        ids = torch.randint(0, vocab, (args.batch, seq), device=device)
         packed = {}
         if args.documents > 1:
             if isinstance(model, MegatronGPT) or seq % args.documents:
@@ -209,7 +210,7 @@ def main() -> None:
         saved = saved_activation_mib(forward_loss)
         opt.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        rows.append({"variant": variant, "step_ms": med * 1e3, "tokens_per_s": seq / med, "peak_gib": peak,
+        rows.append({"variant": variant, "step_ms": med * 1e3, "tokens_per_s": args.batch * seq / med, "peak_gib": peak,
                      "saved_mib": saved,
                      "first_step_s": first, "loss0": loss0, **stats})
         if device == "cuda":  # the next variant starts from an empty cache
@@ -217,7 +218,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     env = environment()
     docs = f", {args.documents} documents per row" if args.documents > 1 else ""
-    print(f"\ntrain step: {desc}; S={seq}, B=1{docs}, {dtype}, AdamW; {env.get('device', 'cpu')} torch {env['torch']}")
+    print(f"\ntrain step: {desc}; S={seq}, B={args.batch}{docs}, {dtype}, AdamW; {env.get('device', 'cpu')} torch {env['torch']}")
     print(f"{'variant':10} {'step ms':>9} {'tokens/s':>10} {'peak GiB':>9} {'saved MiB':>10} {'1st step s':>10} "
           f"{'loss0':>7}  notes")
     for r in rows:
@@ -227,7 +228,7 @@ def main() -> None:
                      f"({100 * r['passes_s'] / r['inductor_s']:.1f}%), {r['lowered']}/{r['sites']} sites lowered")
         print(f"{r['variant']:10} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} "
               f"{r['saved_mib']:10.1f} {r['first_step_s']:10.1f} {r['loss0']:7.3f}  {notes}")
-    name = "train_step" + ("" if args.model == "llama" else f"_{args.model}") + \
+    name = "train_step" + ("" if args.model == "llama" else f"_{args.model}") + f"_s{seq}_b{args.batch}" + \
         (f"_{args.documents}docs" if args.documents > 1 else "")
     write_json(name, {"env": env, "model": desc, "documents": args.documents, "rows": rows})
 

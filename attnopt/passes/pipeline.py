@@ -20,6 +20,7 @@ from ..patterns import AttentionSite, find_sites
 from ..fx.normalize import meta, shape
 from ..report import source
 from ..report.accounting import annotate
+from .choose_call import sdpa_instead
 from .lower_attention import lower_to_op
 from .lower_flex import flex_refusal, lower_flex, uses_flex
 from .lower_portable import lower_to_sdpa, sdpa_refusal
@@ -64,6 +65,7 @@ class SiteReport:
     copies_removed: int = 0  # removed nodes that materialised memory, per forward call
     bytes_removed: Optional[int] = 0  # what those copies wrote; None when a size is unknown
     kernel: Optional[str] = None  # the kernel the new op picks on its inputs' device and shapes
+    call: Optional[str] = None  # why SDPA on views was emitted for target "op" (passes/choose_call.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,10 +117,10 @@ def _unsupported(site: AttentionSite) -> Optional[str]:
     return None
 
 
-def _refuse_nan_readers(sites: list[AttentionSite]) -> None:
-    """For the portable target: a hand-written site reading what an attention before it may leave
-    NaN (a written softmax's row that keeps no key) stays as written, since SDPA does not spread
-    a NaN query or key as the softmax written there does (the op does)."""
+def _nan_readers(sites: list[AttentionSite]) -> set[int]:
+    """The hand-written sites reading what an attention before them may leave NaN (a written
+    softmax's row that keeps no key): plain SDPA does not spread a NaN query or key as the
+    softmax written there does (the op does). By ``id``: sites are not hashable."""
     sources = [s.node for s in sites if s.kind == "hand_written"
                and (s.plan is None or (s.empty_rows != "zero" and not s.plan.rows_keep_a_key))]
     reached, stack = set(sources), list(sources)
@@ -128,12 +130,8 @@ def _refuse_nan_readers(sites: list[AttentionSite]) -> None:
             if user not in reached:
                 reached.add(user)
                 stack.append(user)
-    for site in sites:
-        if site.skip_reason is None and site.kind == "hand_written" \
-                and any(op.source in reached for op in (site.query, site.key, site.value)):
-            site.skip_reason = ("reads the output of an attention that may leave a row NaN, which plain SDPA "
-                                "does not spread as the softmax written here does: left as written for "
-                                "target='portable'")
+    return {id(site) for site in sites if site.kind == "hand_written" and site.skip_reason is None
+            and any(op.source in reached for op in (site.query, site.key, site.value))}
 
 
 def _changes_torchs_kernel(site: AttentionSite) -> bool:
@@ -226,8 +224,19 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
                 site.skip_reason = flex_refusal(site, target) or _unsupported(site)
             if site.skip_reason is None and target == "portable":
                 site.skip_reason = sdpa_refusal(site)
-        if target == "portable":
-            _refuse_nan_readers(sites)
+        nan_readers = _nan_readers(sites)
+        to_sdpa: dict[int, str] = {}  # by id: for target "op", the sites SDPA on views runs for less
+        for site in sites:
+            if site.skip_reason is not None or id(site) in nan_readers and target == "op":
+                continue
+            if target == "portable" and id(site) in nan_readers:
+                site.skip_reason = ("reads the output of an attention that may leave a row NaN, which plain SDPA "
+                                    "does not spread as the softmax written here does: left as written for "
+                                    "target='portable'")
+            elif target == "op" and not uses_flex(site):
+                why = sdpa_instead(site, kernel)
+                if why is not None:
+                    to_sdpa[id(site)] = why
         replaced: dict = {}  # nodes an earlier lowering replaced, which a later site may read
         for site in sites:
             rep = _describe(site)
@@ -240,7 +249,9 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
                 if uses_flex(site):
                     done = lower_flex(work, site, kernel, target)
                 else:
-                    done = lower_to_op(work, site, kernel) if target == "op" else lower_to_sdpa(work, site)
+                    sdpa = target == "portable" or id(site) in to_sdpa
+                    done = lower_to_sdpa(work, site) if sdpa else lower_to_op(work, site, kernel)
+                    rep.call = to_sdpa.get(id(site))
                 replaced.update(done.replaced)
                 if target == "portable" and site.plan.action not in ("none", "kept") \
                         and done.node.kwargs.get("attn_mask") is not None:

@@ -69,7 +69,7 @@ class ExplainRow:
     file: Optional[str] = None
     line: Optional[int] = None
     function: Optional[str] = None
-    lowered_to: Optional[str] = None  # "attnopt.attention", "portable sdpa", or None when skipped
+    lowered_to: Optional[str] = None  # "attnopt.attention", "sdpa on views", or None when skipped
     training: Optional[bool] = None
 
     @property
@@ -104,7 +104,7 @@ def _lowered_to(node: Optional[Node]) -> Optional[str]:
     if is_attnopt_call(node):
         return "attnopt.attention"
     if node.op == "call_function" and node.target in SDPA_TARGETS:
-        return "portable sdpa"
+        return "sdpa on views"
     return op_name(node)
 
 
@@ -151,7 +151,7 @@ def cells(row: ExplainRow) -> tuple[str, ...]:
         causal += f", window {tuple(s.window)}"
     if s.status == "lowered":
         done = row.lowered_to or "lowered"
-        kernel = s.kernel or ("torch's choice" if done == "portable sdpa" else "-")
+        kernel = s.kernel or ("torch's choice" if done == "sdpa on views" else "-")
         copies = f"{s.copies_removed} ({format_bytes(s.bytes_removed)})"
     else:
         done, kernel, copies = "left as written", "-", "-"
@@ -233,8 +233,8 @@ class ExplainReport:
         return _table([header] + [((r.mode,) if both else ()) + cells(r) for r in self.rows])
 
     def notes(self) -> list[str]:
-        """Why sites were left as written, what each mask was proven to be, passes that failed,
-        and what differs between modes."""
+        """Why sites were left as written, what each mask was proven to be, why a site runs as
+        SDPA on views rather than the op, passes that failed, and what differs between modes."""
         notes = []
         for r in self.rows:
             where = f"{r.id} ({r.mode})" if {True, False} <= self.modes else r.id
@@ -242,6 +242,8 @@ class ExplainReport:
                 notes.append(f"{where}: left as written: {r.site.reason}")
             if r.site.mask:
                 notes.append(f"{where}: mask: {r.site.mask}")
+            if r.site.call:
+                notes.append(f"{where}: {r.site.call}")
         for i, rec in enumerate(self.records):
             if rec.result.error:
                 notes.append(f"graph {i}: passes failed, graph left unchanged: {rec.result.error}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnopt
 import attnopt.runtime_ops as R
 from attnopt.runtime_ops import kernels
 from attnopt.runtime_ops.attention import spec_for
@@ -372,7 +373,7 @@ def test_a_hand_written_call_never_waits_for_the_device():
 
 
 def test_compiled_training_step_in_cuda_graphs(monkeypatch):
-    """torch.compile(backend="attnopt", mode="reduce-overhead"): a training step of a Llama
+    """torch.compile(backend=attnopt.backend(...), mode="reduce-overhead"): a training step of a Llama
     attention block captures and replays as CUDA graphs (no graph skipped), its gradients equal
     to eager's."""
     from torch._dynamo.utils import counters
@@ -386,7 +387,7 @@ def test_compiled_training_step_in_cuda_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
                         lambda self, *a, **kw: (captures.append(1), begin(self, *a, **kw))[1])
     model = LlamaAttention(512, 8, 2).cuda().to(torch.bfloat16)
-    compiled = torch.compile(model, backend="attnopt", mode="reduce-overhead")
+    compiled = torch.compile(model, backend=attnopt.backend(kernel="cudnn"), mode="reduce-overhead")  # the op
     x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):  # warm up, record, replay
         model.zero_grad()

@@ -31,6 +31,9 @@ def _interface() -> ModuleType:
     return interface
 
 
+_SM90_HEAD_DIMS = frozenset({(64, 64), (96, 96), (128, 128), (192, 128), (192, 192), (256, 256)})
+
+
 class FA4Kernel(Kernel):
     name = "fa4"
     varlen_native = True
@@ -67,8 +70,10 @@ class FA4Kernel(Kernel):
             return "its backward has no softcapping on sm120, nor for head dim 256 on sm100"
         if spec.sinks and (major >= 12 or (major >= 10 and 256 in (spec.dim_qk, spec.dim_v))):
             return "its learnable sinks run on sm90 and sm100/sm110, not with head dim 256 on sm100"
-        if major == 9:  # FA4's sm90 rule, checked without importing it (that takes seconds)
-            return None
+        if major == 9:  # the head dims its sm90 kernels are built for (FA3's); others fail to compile
+            if (spec.dim_qk, spec.dim_v) in _SM90_HEAD_DIMS:
+                return None
+            return f"head dims ({spec.dim_qk}, {spec.dim_v}): sm90 kernels take {sorted(_SM90_HEAD_DIMS)}"
         try:
             _interface()._validate_head_dims(spec.dim_qk, spec.dim_v, major, 16 // (torch.finfo(spec.dtype).bits // 8))
         except (AssertionError, ValueError) as e:
