@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 from .export import check_kernel
 from .passes import PassResult, optimize_graph
 from .passes.pipeline import check_target
-from .report.dump import observe
+from .report.dump import observe, reporting
 
 CompilerFn = Callable[[GraphModule, list], Callable]
 
@@ -108,8 +108,10 @@ def backend(inner: Union[str, CompilerFn] = "inductor", *, kernel: str = "auto",
 
     def attnopt_backend(gm: GraphModule, example_inputs: list, **compile_options: Any) -> Callable:
         """``compile_options``: torch.compile's ``mode`` and ``options``, for the inner compiler."""
-        new_gm, result = optimize_graph(gm, kernel=kernel, strict=strict, target=target)
-        observe(gm, new_gm, result, dump_dir or os.environ.get("ATTNOPT_DUMP_DIR"))
+        dump = dump_dir or os.environ.get("ATTNOPT_DUMP_DIR")
+        new_gm, result = optimize_graph(gm, kernel=kernel, strict=strict, target=target,
+                                        report=on_result is not None or reporting(dump))
+        observe(gm, new_gm, result, dump)
         if on_result is not None:
             on_result(gm, new_gm, result)
         return compile_inner(new_gm, example_inputs, **compile_options)

@@ -83,3 +83,23 @@ def test_compile_mode_with_another_inner_compiler_says_so():
     with pytest.raises(Exception, match="mode= and options= are Inductor's; this attnopt backend compiles with 'aot_eager'"):
         compiled(torch.randn(2, 8, 64))
     torch._dynamo.reset()
+
+
+def test_report_work_runs_only_when_a_report_is_read(monkeypatch, tmp_path):
+    """Kernel prediction and copy accounting are for reports: a plain compile skips them; a
+    callback or a dump folder gets them."""
+    from attnopt.passes import pipeline
+
+    annotated, real = [], pipeline.annotate
+    monkeypatch.setattr(pipeline, "annotate", lambda *a: (annotated.append(1), real(*a))[1])
+    monkeypatch.delenv("ATTNOPT_DUMP_DIR", raising=False)
+    model, x = LlamaAttention(64, 4, 2), torch.randn(2, 8, 64)
+    results = []
+    for backend in ("attnopt", attnopt.backend(on_result=lambda *r: results.append(r[2])),
+                    attnopt.backend(dump_dir=tmp_path)):
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend)(x)
+    torch._dynamo.reset()
+    assert len(annotated) == 2
+    (site,) = results[0].sites
+    assert site.kernel == "cpu_flash" and site.copies_removed > 0

@@ -197,14 +197,15 @@ def _copy(gm: GraphModule) -> GraphModule:
 
 
 def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = False, target: str = "op",
-                   constants: Optional[dict] = None) -> tuple[GraphModule, PassResult]:
+                   constants: Optional[dict] = None, report: bool = True) -> tuple[GraphModule, PassResult]:
     """Lower every provable attention site of ``gm``. Returns (new module, report).
 
     ``target`` "op" lowers to ``torch.ops.attnopt.attention``; "portable" to plain SDPA on strided
     views with ``enable_gqa`` (ATen ops only, for programs that must load without attnopt).
     ``constants`` are the values of placeholders that stand for constant tensors (an exported
     program's lifted constants), by name. On an error the original ``gm`` is returned with a
-    warning (an exception when strict).
+    warning (an exception when strict). ``report`` False leaves out what only a report reads:
+    each site's expected kernel and the copies its rewrite removed.
     """
     check_target(target, kernel)
     result = PassResult()
@@ -262,7 +263,8 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
         result.masks_removed = erase_dead_masks(work, [s.attn_mask for s in sites if s.plan and s.attn_mask is not None])
         work.graph.lint()
         work.recompile()
-        annotate(gm, work, result)
+        if report:
+            annotate(gm, work, result)
     except Exception as e:  # noqa: BLE001 - a pass failure must never break the user's compile
         if strict:
             raise

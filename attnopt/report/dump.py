@@ -28,6 +28,7 @@ from typing import Optional, Union
 
 import networkx as nx
 from torch._logging import trace_structured
+from torch._logging._internal import trace_log
 from torch.fx import GraphModule, Node
 from torch.utils._dtype_abbrs import dtype_abbrs
 
@@ -182,6 +183,18 @@ def _next_folder(root: Path) -> Path:
             index += 1
 
 
+def _tracing() -> bool:
+    """Whether TORCH_TRACE writes structured artifacts: torch keeps a handler that writes nothing
+    without a folder to write to."""
+    return any(getattr(h, "root_dir", "") is not None for h in trace_log.handlers)
+
+
+def reporting(dump_dir: Union[str, os.PathLike, None]) -> bool:
+    """Whether a compile's report will be read: a dump folder, attnopt's graph log, or a
+    TORCH_TRACE run."""
+    return bool(dump_dir) or graph_log.isEnabledFor(logging.DEBUG) or _tracing()
+
+
 def observe(before: GraphModule, after: GraphModule, result: PassResult,
             dump_dir: Union[str, os.PathLike, None]) -> None:
     """Make one compiled graph's rewrite visible: logs, TORCH_TRACE artifacts, and a dump folder
@@ -189,10 +202,11 @@ def observe(before: GraphModule, after: GraphModule, result: PassResult,
     record = GraphRecord(before, after, result)
     if graph_log.isEnabledFor(logging.DEBUG):
         graph_log.debug("%s\n%s", ExplainReport.of([record]), graph_diff(before, after) or "(graph unchanged)")
-    trace_structured("artifact", metadata_fn=lambda: {"name": "attnopt_report", "encoding": "json"},
-                     payload_fn=lambda: ExplainReport.of([record]).to_json())
-    trace_structured("artifact", metadata_fn=lambda: {"name": "attnopt_diff", "encoding": "string"},
-                     payload_fn=lambda: graph_diff(before, after))
+    if _tracing():
+        trace_structured("artifact", metadata_fn=lambda: {"name": "attnopt_report", "encoding": "json"},
+                         payload_fn=lambda: ExplainReport.of([record]).to_json())
+        trace_structured("artifact", metadata_fn=lambda: {"name": "attnopt_diff", "encoding": "string"},
+                         payload_fn=lambda: graph_diff(before, after))
     if not dump_dir:
         return
     try:  # a dump is a diagnostic: failing to write one must not fail the compile

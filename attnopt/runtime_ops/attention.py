@@ -125,12 +125,36 @@ def _fill_drops_keys(spec: AttnSpec, call: Call) -> bool:
     return bool(fits & ~rows.any())
 
 
+def _signature(call: Call) -> tuple:
+    """What a dense call's spec and kernel depend on: every argument, tensors by shape, dtype
+    and device (the spec reads no values and no strides)."""
+    return tuple((x.shape, x.dtype, x.device) if isinstance(x, Tensor) else
+                 tuple(x) if isinstance(x, list) else x for x in call)
+
+
+# signature -> (spec, kernel) of dense calls seen before: a model's layers repeat a few shapes
+_planned: dict[tuple, tuple[AttnSpec, kernels.Kernel]] = {}
+
+
 def _plan(call: Call) -> tuple[AttnSpec, kernels.Kernel, Optional[_Packed]]:
-    """The call's spec, the kernel that runs it, and the packed offsets."""
+    """The call's spec, the kernel that runs it, and the packed offsets. A dense call without a
+    finite fill (whose kernel depends on values) is validated and its kernel chosen once per
+    signature."""
+    cached = call.cu_seqlens_q is None and call.mask_fill is None
+    if cached:
+        key = _signature(call)
+        hit = _planned.get(key)
+        if hit is not None:
+            return (*hit, None)
     spec, packed = _describe(call)
     if spec.mask_fill is not None and _fill_drops_keys(spec, call):
         spec = dataclasses.replace(spec, mask_fill=None)
-    return spec, _select(spec, call.kernel_name), packed
+    kern = _select(spec, call.kernel_name)
+    if cached:
+        if len(_planned) >= 1024:
+            _planned.clear()
+        _planned[key] = (spec, kern)
+    return spec, kern, packed
 
 
 def _readable(kern: kernels.Kernel, *tensors: Tensor) -> tuple[Tensor, ...]:
