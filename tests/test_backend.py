@@ -103,3 +103,19 @@ def test_report_work_runs_only_when_a_report_is_read(monkeypatch, tmp_path):
     assert len(annotated) == 2
     (site,) = results[0].sites
     assert site.kernel == "cpu_flash" and site.copies_removed > 0
+
+
+def test_dynamic_shapes_compile_once():
+    """dynamic=True reaches Dynamo as with Inductor: the graphs compiled for the first length
+    serve every other one."""
+    results = []
+    torch._dynamo.reset()
+    model = LlamaAttention(64, 4, 2)
+    compiled = torch.compile(model, backend=attnopt.backend(on_result=lambda *r: results.append(r[2])), dynamic=True)
+    counts = []
+    for seq in (8, 12, 5):
+        x = torch.randn(2, seq, 64)
+        torch.testing.assert_close(compiled(x), model(x))
+        counts.append(len(results))
+    torch._dynamo.reset()
+    assert counts[0] == counts[-1] and all(r.lowered == 1 for r in results)

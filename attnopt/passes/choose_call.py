@@ -56,7 +56,10 @@ def sdpa_instead(site: AttentionSite, kernel: str) -> Optional[str]:
     causal = sdpa_causal(site)
     if causal is None or site.plan.action not in ("none", "flags"):
         return None  # the op runs what SDPA cannot: a band it has no flag for, or a mask it turned into one
-    sizes = [_bhsd(op) for op in (site.query, site.key, site.value)]
+    operands = (site.query, site.key, site.value)
+    if any(set("bhsd") - set(op.dims) for op in operands):
+        return None  # operands without a batch or head axis of their own (merged B·H): the op reads them
+    sizes = [_bhsd(op) for op in operands]
     if any(s is None for s in sizes):
         return "SDPA on views: sequence lengths known only at run time (SDPA is never slower there)"
     if not torch.cuda.is_available():
