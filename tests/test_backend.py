@@ -65,13 +65,13 @@ def test_compile_mode_and_options_reach_inductor(monkeypatch, mode, options, pat
         return real(gm, example_inputs, config_patches=config_patches, **kwargs)
 
     monkeypatch.setattr(compile_fx, "compile_fx", recording)
-    monkeypatch.setattr(torch._inductor.config, "max_autotune_gemm_backends", "ATEN")  # no Triton GEMM search on CPU
     torch._dynamo.reset()
     model = LlamaAttention(64, 4, 2)
     x = torch.randn(2, 8, 64, requires_grad=True)
     compiled = torch.compile(model, backend="attnopt", mode=mode, options=options)
-    out = compiled(x)
-    out.sum().backward()
+    with torch._inductor.config.patch(max_autotune_gemm_backends="ATEN"):  # no Triton GEMM search on the CPU
+        out = compiled(x)
+        out.sum().backward()
     torch._dynamo.reset()
     torch.testing.assert_close(out, model(x))
     assert seen and seen[0].items() >= patched.items()  # the outer call; it patches the config for the rest
@@ -89,10 +89,13 @@ def test_report_work_runs_only_when_a_report_is_read(monkeypatch, tmp_path):
     """Kernel prediction and copy accounting are for reports: a plain compile skips them; a
     callback or a dump folder gets them."""
     from attnopt.passes import pipeline
+    from attnopt.report import dump
 
     annotated, real = [], pipeline.annotate
     monkeypatch.setattr(pipeline, "annotate", lambda *a: (annotated.append(1), real(*a))[1])
     monkeypatch.delenv("ATTNOPT_DUMP_DIR", raising=False)
+    monkeypatch.setattr(dump.graph_log, "isEnabledFor", lambda level: False)  # whatever logging earlier tests set
+    monkeypatch.setattr(dump, "_tracing", lambda: False)
     model, x = LlamaAttention(64, 4, 2), torch.randn(2, 8, 64)
     results = []
     for backend in ("attnopt", attnopt.backend(on_result=lambda *r: results.append(r[2])),
