@@ -66,28 +66,31 @@ def _record(direction: str, kernel: str, spec: AttnSpec) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Packed:
-    """Packed-sequence offsets, trimmed to the sequences that hold tokens."""
+    """Packed-sequence offsets, trimmed to the sequences that hold tokens, on the device and (read
+    once per offsets tensor) on the host."""
 
     cu_q: Tensor
     cu_k: Tensor
+    host: Optional[tuple[list[int], list[int]]]
 
     def offsets(self) -> tuple[list[int], list[int]]:
         """The offsets on the host, for kernels that run one sequence at a time."""
-        if capturing(self.cu_q):
+        if self.host is None:
             raise RuntimeError("attnopt.attention: this kernel runs packed sequences one at a time, from offsets "
                                "read on the host, which a CUDA graph cannot capture; use a kernel with packed "
                                "sequences of its own (kernel='auto' picks one where the GPU has it)")
-        return self.cu_q.tolist(), self.cu_k.tolist()
+        return self.host
 
 
 def _varlen_spec(spec: AttnSpec, q: Tensor, k: Tensor, cu_q: Tensor, cu_k: Tensor) -> tuple[AttnSpec, _Packed]:
     """Check the offsets; drop the empty sequences at their end and tighten the maxima: kernels
     size their grid and scratch memory by the number of sequences times the longest one."""
-    n, longest_q, longest_k, equal = check_cu_seqlens(cu_q, cu_k, q.shape[0], k.shape[0], spec.seqlen_q,
-                                                      spec.seqlen_k)
-    cu_q, cu_k = cu_q[: n + 1], cu_k[: n + 1]
-    spec = dataclasses.replace(spec, batch=n, seqlen_q=longest_q, seqlen_k=longest_k, equal_seqlens=equal)
-    return spec, _Packed(cu_q, cu_k)
+    found = check_cu_seqlens(cu_q, cu_k, q.shape[0], k.shape[0], spec.seqlen_q, spec.seqlen_k)
+    n = found.sequences
+    spec = dataclasses.replace(spec, batch=n, seqlen_q=found.longest_q, seqlen_k=found.longest_k,
+                               equal_seqlens=found.same)
+    host = None if found.host_q is None else (found.host_q, found.host_k)
+    return spec, _Packed(cu_q[: n + 1], cu_k[: n + 1], host)
 
 
 def _select(spec: AttnSpec, kernel: str) -> kernels.Kernel:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -290,29 +290,42 @@ _checked_lengths: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _checked: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int,
-                     max_k: int) -> tuple[int, int, int, bool]:
-    """Check packed offsets against the packed tensors; return (sequences, longest q, longest k,
-    whether q and k offsets agree), the sequences counted up to the last one that holds a token
-    (offsets computed in a graph have a fixed worst-case size and end in empty sequences).
+class PackedOffsets(NamedTuple):
+    """Checked packed offsets: the sequences up to the last that holds a token, the longest of
+    each, whether q and k offsets agree, and the offsets of those sequences on the host (None
+    while a CUDA graph is captured)."""
 
-    One read of a few numbers on the host, which waits for the GPU: done once per offsets tensor
+    sequences: int
+    longest_q: int
+    longest_k: int
+    same: bool
+    host_q: Optional[list[int]]
+    host_k: Optional[list[int]]
+
+
+def check_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int,
+                     max_k: int) -> PackedOffsets:
+    """Check packed offsets against the packed tensors and describe them (offsets computed in a
+    graph have a fixed worst-case size and end in empty sequences, which are dropped).
+
+    One read of the offsets on the host, which waits for the GPU: done once per offsets tensor
     (the layers of a model share one, and backward sees the forward's), and again only when the
-    tensor is written to in place. Not while a CUDA graph is captured: its replays read other
-    offsets, so the given maxima stand and nothing is checked or trimmed."""
+    tensor is written to in place; kernels that run one sequence at a time use the offsets read
+    then. Not while a CUDA graph is captured: its replays read other offsets, so the given maxima
+    stand and nothing is checked, trimmed or read."""
     key = (cu_q._version, cu_k._version, total_q, total_k, max_q, max_k)
     hit = _checked.get(cu_q)
     if hit is not None and hit[0]() is cu_k and hit[1] == key:
         return hit[2]
-    if capturing(cu_q):  # the graph replays with other offsets: trust the given maxima, trim nothing
-        return cu_q.shape[0] - 1, max(max_q, 1), max(max_k, 1), False
+    if capturing(cu_q):
+        return PackedOffsets(cu_q.shape[0] - 1, max(max_q, 1), max(max_k, 1), False, None, None)
     result = _read_cu_seqlens(cu_q, cu_k, total_q, total_k, max_q, max_k)
     _checked[cu_q] = (weakref.ref(cu_k), key, result)
     return result
 
 
 def _read_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max_q: int,
-                     max_k: int) -> tuple[int, int, int, bool]:
+                     max_k: int) -> PackedOffsets:
     def summary(cu: Tensor) -> Tensor:
         lengths = cu[1:] - cu[:-1]
         return torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]), lengths
@@ -321,8 +334,9 @@ def _read_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max
     index = torch.arange(1, len_q.shape[0] + 1, device=cu_q.device, dtype=cu_q.dtype)
     used = torch.where((len_q > 0) | (len_k > 0), index, torch.zeros_like(index)).max()
     same = (cu_q == cu_k).all().to(cu_q.dtype) if cu_q.shape == cu_k.shape else torch.zeros_like(used)
-    (first_q, last_q, min_q, long_q, first_k, last_k, min_k, long_k, used, same) = \
-        torch.cat([sq, sk, used[None], same[None]]).tolist()
+    values = torch.cat([sq, sk, used[None], same[None], cu_q, cu_k]).tolist()
+    (first_q, last_q, min_q, long_q, first_k, last_k, min_k, long_k, used, same) = values[:10]
+    host_q, host_k = values[10:10 + cu_q.shape[0]], values[10 + cu_q.shape[0]:]
     for name, first, last, shortest, longest, total, most in (
             ("cu_seqlens_q", first_q, last_q, min_q, long_q, total_q, max_q),
             ("cu_seqlens_k", first_k, last_k, min_k, long_k, total_k, max_k)):
@@ -334,7 +348,8 @@ def _read_cu_seqlens(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, max
             _fail(f"{name} must be non-decreasing")
         if longest > most:
             _fail(f"{name} holds a sequence of {longest} tokens, longer than its max_seqlen {most}")
-    return max(used, 1), max(long_q, 1), max(long_k, 1), bool(same)
+    n = max(used, 1)
+    return PackedOffsets(n, max(long_q, 1), max(long_k, 1), bool(same), host_q[:n + 1], host_k[:n + 1])
 
 
 def out_shape(spec: AttnSpec, total_q: int) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ def test_a_finite_fill_runs_as_written_under_capture(capture):
 
 def test_offsets_are_neither_read_nor_trimmed_under_capture(capture):
     fixed = torch.tensor([0, 4, 10, 10, 10], dtype=torch.int32)
-    assert spec.check_cu_seqlens(fixed, fixed, 10, 10, 7, 7) == (4, 7, 7, False)
+    assert spec.check_cu_seqlens(fixed, fixed, 10, 10, 7, 7) == (4, 7, 7, False, None, None)
 
 
 def test_a_kernel_that_needs_offsets_on_the_host_says_so_under_capture(capture):
