@@ -74,13 +74,14 @@ def write_json(name: str, payload: dict) -> str:
     return path
 
 
-def add_shape_args(parser, batch: int = 2, seq: int = 4096, iters: int = 20) -> None:
+def add_shape_args(parser, batch: int = 2, seq: int = 4096, iters: int = 20, heads: int = 32, kv_heads: int = 8,
+                   head_dim: int = 128) -> None:
     """The attention shape every core benchmark takes (Llama-3-8B by default)."""
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--seq", type=int, default=seq)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--kv-heads", type=int, default=kv_heads)
+    parser.add_argument("--head-dim", type=int, default=head_dim)
     parser.add_argument("--iters", type=int, default=iters)
 
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnopt  # noqa: E402
 from attention_core import hf_core  # noqa: E402
-from common import write_json  # noqa: E402
+from common import add_shape_args, write_json  # noqa: E402
 
 
 def _step_us(step, iters: int, repeats: int) -> float:
@@ -39,12 +39,7 @@ def _step_us(step, iters: int, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=16)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=16)
-    p.add_argument("--iters", type=int, default=200)
+    add_shape_args(p, batch=1, seq=16, iters=200, heads=4, kv_heads=2, head_dim=16)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--profile", choices=["attnopt", "attnopt op"], default=None)
     args = p.parse_args()

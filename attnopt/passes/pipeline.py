@@ -228,12 +228,13 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
         nan_readers = _nan_readers(sites)
         to_sdpa: dict[int, str] = {}  # by id: for target "op", the sites SDPA on views runs for less
         for site in sites:
-            if site.skip_reason is not None or id(site) in nan_readers and target == "op":
+            if site.skip_reason is not None:
                 continue
-            if target == "portable" and id(site) in nan_readers:
-                site.skip_reason = ("reads the output of an attention that may leave a row NaN, which plain SDPA "
-                                    "does not spread as the softmax written here does: left as written for "
-                                    "target='portable'")
+            if id(site) in nan_readers:  # the op spreads the NaN as written; SDPA does not
+                if target == "portable":
+                    site.skip_reason = ("reads the output of an attention that may leave a row NaN, which plain "
+                                        "SDPA does not spread as the softmax written here does: left as written "
+                                        "for target='portable'")
             elif target == "op" and not uses_flex(site):
                 why = sdpa_instead(site, kernel)
                 if why is not None:
