@@ -3,18 +3,23 @@
 torch's context parallel shards q/k/v on the sequence across a 1-D mesh and, while it is enabled,
 hands SDPA calls on those DTensors to its ring attention, whose kernels are CUDA's flash, efficient
 and cudnn ones only. These handlers join the same dispatch table, so attnopt's op gets the same
-treatment on any device: K and V are all-gathered, each rank attends its own query rows exactly
-(the causal diagonal placed by the rows' global positions through bottom-right alignment, in torch's
-head-tail load-balanced order when that is on) and, in backward, the K/V gradients are
-reduce-scattered back to their owners. Calls that need more (masks, dropout, packed sequences,
-windows reaching right of the diagonal) raise NotImplementedError naming what.
+treatment on any device, and more: packed documents ('thd' with cu_seqlens, which also carries
+Llama 4's chunks), causal and sliding windows on either side of the diagonal. The work is
+``attnopt::context_parallel_attention`` (``blockwise.py``): K/V exchanged by all-gather or a ring
+(``exchange.py``), only the blocks a band or document reaches computed (``plan.py``).
+
+What the global sequence looks like on the ranks follows torch's flag for load balancing
+(``_cp_options.enable_load_balance``, set by ``_context_parallel_shard``): dense layouts use torch's
+head-tail pieces when it is on and contiguous shards when off; packed 'thd' uses a head and a tail
+piece of every document when it is on (``shard_packed``) and contiguous shards when off. The
+cu_seqlens a packed call receives are the global ones, on every rank. Masks, dropout, sinks, key
+lengths, a finite mask fill and NaN empty rows raise NotImplementedError naming what.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -22,23 +27,35 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp
 from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
-from .sharding import SEQ_DIM, bind, static_names
+from . import blockwise  # noqa: F401  (defines attnopt::context_parallel_attention)
+from . import exchange, plan
+from .sharding import SEQ_DIM, bind
 
 _FORWARD = torch.ops.attnopt.attention.default
 _BACKWARD = torch.ops.attnopt.attention_backward.default
+_UNSUPPORTED = {"attn_mask": None, "seqused_k": None, "sinks": None, "mask_fill": None, "dropout_p": 0.0,
+                "empty_rows": "zero"}
 
 
-def _check(bound: dict[str, Any]) -> tuple[DeviceMesh, int, bool]:
-    """The CP mesh, the sequence dim of q/k/v, and whether the call is banded (causal, or a window
-    ending at the diagonal); raises for what the gathered computation does not cover."""
-    layout = bound["layout"]
-    if layout == "thd":
-        raise NotImplementedError("attnopt.attention under context parallel: packed 'thd' sequences are not sharded")
-    for name in ("attn_mask", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "sinks"):
-        if bound.get(name) is not None:
+def _offsets(t: Any) -> Optional[Tensor]:
+    """Packed offsets as a plain tensor, given plain or replicated."""
+    if isinstance(t, DTensor):
+        if any(not p.is_replicate() for p in t.placements):
+            raise NotImplementedError("attnopt.attention under context parallel: cu_seqlens must be replicated")
+        return t._local_tensor
+    return t
+
+
+def _check(bound: dict[str, Any]) -> DeviceMesh:
+    """The CP mesh; raises for what the blockwise computation does not cover."""
+    for name, default in _UNSUPPORTED.items():
+        value = bound.get(name, default)
+        if isinstance(value, Tensor) or value != default:
             raise NotImplementedError(f"attnopt.attention under context parallel: {name} is not supported")
-    if bound["dropout_p"] > 0:
-        raise NotImplementedError("attnopt.attention under context parallel: dropout is not supported")
+    layout = bound["layout"]
+    if (layout == "thd") != (bound["cu_seqlens_q"] is not None and bound["cu_seqlens_k"] is not None):
+        raise ValueError("attnopt.attention: packed offsets (cu_seqlens_q and cu_seqlens_k) go with layout 'thd' only, "
+                         "and layout 'thd' needs them")
     seq = SEQ_DIM[layout]
     q, k, v = bound["query"], bound["key"], bound["value"]
     mesh = q.device_mesh if isinstance(q, DTensor) else None
@@ -48,56 +65,9 @@ def _check(bound: dict[str, Any]) -> tuple[DeviceMesh, int, bool]:
                 f"attnopt.attention under context parallel: {name} must be a DTensor sharded on its sequence dim "
                 f"({seq} for layout {layout!r}) over one 1-D mesh, got "
                 f"{tuple(t.placements) if isinstance(t, DTensor) else type(t).__name__}")
-    left, right = bound["window_size"]
-    right = 0 if bound["is_causal"] else right
-    if (left, right) != (-1, -1) and right != 0:
-        raise NotImplementedError("attnopt.attention under context parallel: windows reaching right of the diagonal")
     if q.shape[seq] != k.shape[seq]:
         raise NotImplementedError("attnopt.attention under context parallel: query and key sequence lengths differ")
-    return mesh, seq, right == 0
-
-
-def _pieces(rank: int, world: int, local_len: int) -> list[int]:
-    """Global start of each equal piece of a rank's local rows, in local order: torch's head-tail
-    layout (pieces r and 2W-1-r of 2W) when its load balancing is on, else one contiguous block; the
-    same reading of torch's flag as its own ring attention makes."""
-    if torch_cp._cp_options.enable_load_balance:
-        half = local_len // 2
-        return [rank * half, (2 * world - 1 - rank) * half]
-    return [rank * local_len]
-
-
-def _wait(t: Tensor) -> Tensor:
-    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
-
-
-class _Sequence:
-    """Where each rank's rows sit in the global sequence, and moves between gathered and natural order."""
-
-    def __init__(self, mesh: DeviceMesh, dim: int, local_len: int):
-        self.mesh, self.dim = mesh, dim
-        world = mesh.size()
-        self.local = _pieces(mesh.get_local_rank(), world, local_len)
-        self.piece = local_len // len(self.local)
-        starts = [s for r in range(world) for s in _pieces(r, world, local_len)]  # in gathered (rank) order
-        self.gathered_at = sorted(range(len(starts)), key=starts.__getitem__)  # by natural position
-        self.natural_at = sorted(range(len(starts)), key=self.gathered_at.__getitem__)  # by gathered position
-
-    def gather(self, t: Tensor) -> Tensor:
-        """All-gather along the sequence, returned in natural order."""
-        full = _wait(funcol.all_gather_tensor(t.contiguous(), self.dim, self.mesh))
-        parts = full.split(self.piece, self.dim)
-        return torch.cat([parts[i] for i in self.gathered_at], self.dim)
-
-    def scatter_sum(self, t: Tensor) -> Tensor:
-        """Sum a natural-order full-length tensor over ranks and keep this rank's rows."""
-        parts = t.split(self.piece, self.dim)
-        gathered = torch.cat([parts[i] for i in self.natural_at], self.dim)
-        return _wait(funcol.reduce_scatter_tensor(gathered, "sum", self.dim, self.mesh))
-
-    def keys_seen(self, start: int, banded: bool, total: int) -> int:
-        """How many leading keys (of ``total``) the query piece at ``start`` can see."""
-        return start + self.piece if banded else total
+    return mesh
 
 
 def _wrap(local: Tensor, mesh: DeviceMesh, placement: Placement, dim: int) -> DTensor:
@@ -112,53 +82,45 @@ def _wrap(local: Tensor, mesh: DeviceMesh, placement: Placement, dim: int) -> DT
     return DTensor(local, DTensorSpec(mesh, (placement,), tensor_meta=meta), requires_grad=False)
 
 
-def _local_args(op: torch._ops.OpOverload, bound: dict[str, Any], banded: bool) -> dict[str, Any]:
-    """The call's non-tensor arguments for the per-piece local calls; a band is aligned bottom-right,
-    which puts each piece's diagonal at its global position when it sees exactly the keys before its end."""
-    statics = {n: bound[n] for n in static_names(op)}
-    return {**statics, "causal_align": "bottom_right"} if banded else statics
+def _arguments(bound: dict[str, Any], mesh: DeviceMesh) -> dict[str, Any]:
+    """The blockwise op's arguments besides the tensors: how the sequence is sharded, how K/V travel,
+    and the band (causal folded into a window ending at the diagonal)."""
+    layout = bound["layout"]
+    balanced = torch_cp._cp_options.enable_load_balance
+    balance = (plan.DOCUMENTS if layout == "thd" else plan.HEAD_TAIL) if balanced else plan.CONTIGUOUS
+    k, v = bound["key"], bound["value"]
+    kv_bytes = (k._local_tensor.numel() + v._local_tensor.numel()) * k.dtype.itemsize
+    left, right = bound["window_size"]
+    if bound["is_causal"]:
+        right = 0
+    return dict(cu_seqlens_q=_offsets(bound["cu_seqlens_q"]), cu_seqlens_k=_offsets(bound["cu_seqlens_k"]),
+                group_name=mesh.get_group().group_name, balance=balance,
+                method=exchange.choose(kv_bytes, mesh.size()), layout=layout,
+                out_layout=bound["out_layout"] or layout, window=[int(left), int(right)], scale=bound["scale"],
+                softcap=bound["softcap"], kernel_name=bound["kernel_name"])
 
 
 def _forward(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[DTensor, DTensor, DTensor]:
     bound = bind(op, args, kwargs)
-    mesh, seq, banded = _check(bound)
-    statics = _local_args(op, bound, banded)
+    mesh = _check(bound)
+    extra = _arguments(bound, mesh)
     q, k, v = (bound[n]._local_tensor for n in ("query", "key", "value"))
-    where = _Sequence(mesh, seq, q.shape[seq])
-    k, v = where.gather(k), where.gather(v)
-    out_seq = SEQ_DIM[bound["out_layout"] or bound["layout"]]
-    outs, lses = [], []
-    for i, start in enumerate(where.local):
-        n = where.keys_seen(start, banded, k.shape[seq])
-        out, lse, rng = _FORWARD(q.narrow(seq, i * where.piece, where.piece), k.narrow(seq, 0, n),
-                                 v.narrow(seq, 0, n), **statics)
-        outs.append(out)
-        lses.append(lse)
-    return (_wrap(torch.cat(outs, out_seq), mesh, Shard(out_seq), out_seq),
-            _wrap(torch.cat(lses, 2), mesh, Shard(2), 2), _wrap(rng, mesh, Replicate(), 0))
+    out, lse = torch.ops.attnopt.context_parallel_attention(q, k, v, **extra)
+    out_seq, lse_seq = SEQ_DIM[extra["out_layout"]], 1 if extra["layout"] == "thd" else 2
+    rng = torch.empty(0, dtype=torch.int64, device=q.device)
+    return (_wrap(out, mesh, Shard(out_seq), out_seq), _wrap(lse, mesh, Shard(lse_seq), lse_seq),
+            _wrap(rng, mesh, Replicate(), 0))
 
 
-def _backward(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[DTensor, DTensor, DTensor]:
+def _backward(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[DTensor, DTensor, DTensor, None, None]:
     bound = bind(op, args, kwargs)
-    mesh, seq, banded = _check(bound)
-    statics = _local_args(op, bound, banded)
-    q, k, v, grad_out, out, lse, rng = (bound[n]._local_tensor for n in
-                                         ("query", "key", "value", "grad_out", "out", "lse", "rng_state"))
-    where = _Sequence(mesh, seq, q.shape[seq])
-    k, v = where.gather(k), where.gather(v)
-    out_seq = SEQ_DIM[bound["out_layout"] or bound["layout"]]
-    dqs, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
-    for i, start in enumerate(where.local):
-        n = where.keys_seen(start, banded, k.shape[seq])
-        rows = (i * where.piece, where.piece)
-        dq_p, dk_p, dv_p, _, _ = _BACKWARD(grad_out.narrow(out_seq, *rows), out.narrow(out_seq, *rows),
-                                     lse.narrow(2, *rows).contiguous(), rng, q.narrow(seq, *rows),
-                                     k.narrow(seq, 0, n), v.narrow(seq, 0, n), **statics)
-        dqs.append(dq_p)
-        dk.narrow(seq, 0, n).add_(dk_p)
-        dv.narrow(seq, 0, n).add_(dv_p)
-    return (_wrap(torch.cat(dqs, seq), mesh, Shard(seq), seq), _wrap(where.scatter_sum(dk), mesh, Shard(seq), seq),
-            _wrap(where.scatter_sum(dv), mesh, Shard(seq), seq), None, None)
+    mesh = _check(bound)
+    extra = _arguments(bound, mesh)
+    tensors = (bound[n]._local_tensor for n in ("grad_out", "out", "lse", "query", "key", "value"))
+    dq, dk, dv = torch.ops.attnopt.context_parallel_attention_backward(*tensors, **extra)
+    seq = SEQ_DIM[extra["layout"]]
+    return (_wrap(dq, mesh, Shard(seq), seq), _wrap(dk, mesh, Shard(seq), seq), _wrap(dv, mesh, Shard(seq), seq),
+            None, None)
 
 
 def register() -> None:
