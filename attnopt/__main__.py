@@ -27,6 +27,7 @@ from torch.export import ExportedProgram
 
 from . import __version__
 from .export import optimize
+from .passes.pipeline import TARGETS
 from .report.dump import graphviz_note
 from .report.explain import ExplainReport, GraphRecord, explain
 
@@ -167,7 +168,7 @@ def optimize_file(args: argparse.Namespace) -> int:
     _check_output_file(args.output)
     _import_modules(args.imports)
     ep = _load(args.input)
-    new_ep, result = optimize(ep, return_result=True, target="portable" if args.portable else "op")
+    new_ep, result = optimize(ep, return_result=True, target=args.target)
     print(ExplainReport.of([GraphRecord(ep.graph_module, new_ep.graph_module, result)]))
     try:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +176,9 @@ def optimize_file(args: argparse.Namespace) -> int:
             torch.export.save(new_ep, args.output)
     except Exception as e:  # noqa: BLE001 - report any failure to write in one line
         raise CliError(f"{args.output}: cannot save ({type(e).__name__}: {_first_line(e)})") from e
-    needs = "loads with plain torch" if args.portable else "loading it needs `import attnopt`"
+    uses_op = any(n.target in (torch.ops.attnopt.attention.default, torch.ops.attnopt.attention_backward.default)
+                  for n in new_ep.graph.nodes)
+    needs = "loading it needs `import attnopt`" if uses_op else "loads with plain torch"
     print(f"\nsaved {args.output} ({needs})")
     return 0
 
@@ -210,7 +213,8 @@ def demo(args: argparse.Namespace) -> int:
     print(f"attnopt demo: transformers-style Llama block (GQA 8/2 heads, repeat_kv, transposes, .contiguous()), "
           f"{device}, {dtype}, inner compiler {args.inner}\n")
     print(f"{ExplainReport.of([GraphRecord(*graphs[-1], training=model.training)])}\n")
-    print("kernels that ran: " + ", ".join(sorted({f'{c.direction}={c.kernel}' for c in calls})))
+    ran = ", ".join(sorted({f'{c.direction}={c.kernel}' for c in calls}))
+    print("kernels that ran: " + (ran or "torch's SDPA (no attnopt.attention call)"))
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
     out_err = rel(out, ref_out)
     grad_err = max(rel(g, w) for g, w in zip(grads, ref_grads))
@@ -242,8 +246,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="lower attention in a .pt2 file and save the result")
     p.add_argument("input", help="a file written by torch.export.save")
     p.add_argument("output", help="where to save the optimized program (a .pt2 file)")
-    p.add_argument("--portable", action="store_true",
-                   help="emit plain SDPA that loads without attnopt instead of attnopt.attention")
+    p.add_argument("--target", choices=TARGETS, default="auto",
+                   help="auto: per site, plain SDPA on views or attnopt.attention, whichever is cheaper on the device "
+                        "the program was traced on; op: attnopt.attention at every site (its kernel is picked where "
+                        "the program runs); portable: plain SDPA only, which loads without attnopt")
     p.add_argument("--import", **imports)
     p.set_defaults(func=optimize_file)
     return top

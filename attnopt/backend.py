@@ -72,16 +72,17 @@ def _named(inner: Union[str, CompilerFn]) -> CompilerFn:
 
 
 def backend(inner: Union[str, CompilerFn] = "inductor", *, kernel: str = "auto", strict: bool = False,
-            target: str = "op", on_result: Optional[Callable[[GraphModule, GraphModule, PassResult], None]] = None,
+            target: str = "auto", on_result: Optional[Callable[[GraphModule, GraphModule, PassResult], None]] = None,
             dump_dir: Union[str, os.PathLike, None] = None, **inner_options: Any) -> CompilerFn:
     """A torch.compile backend that lowers attention, then compiles with ``inner``.
 
     ``inner`` is "inductor" (default; ``inner_options`` become Inductor config patches, and
     torch.compile's ``mode=`` and ``options=`` reach it as they reach Inductor, so
     ``mode="reduce-overhead"`` captures CUDA graphs), any registered backend name such as
-    "aot_eager", or a backend callable. ``kernel`` forces one
-    attention kernel for every site. ``target`` "portable" lowers to plain SDPA on strided views
-    with ``enable_gqa`` instead of the attnopt op. ``strict`` turns pass failures into errors
+    "aot_eager", or a backend callable. ``target`` "auto" (default) lowers each site to the cheaper
+    exact call, plain SDPA on strided views or the attnopt op; "op" to the op everywhere;
+    "portable" to plain SDPA on strided views with ``enable_gqa`` only. ``kernel`` forces one
+    attention kernel for every site (the op everywhere). ``strict`` turns pass failures into errors
     instead of a warning and the unmodified graph. ``on_result(before, after, result)`` sees
     every graph.
     ``dump_dir`` (default: the ``ATTNOPT_DUMP_DIR`` environment variable, read at each compile)

@@ -66,11 +66,13 @@ def _program(ep: ExportedProgram, gm: GraphModule) -> ExportedProgram:
                            example_inputs=ep.example_inputs, constants=ep.constants, verifiers=ep.verifiers)
 
 
-def optimize(ep: ExportedProgram, *, kernel: str = "auto", strict: bool = False, target: str = "op",
+def optimize(ep: ExportedProgram, *, kernel: str = "auto", strict: bool = False, target: str = "auto",
              return_result: bool = False) -> Union[ExportedProgram, tuple[ExportedProgram, PassResult]]:
-    """Return a new ExportedProgram with attention lowered to ``torch.ops.attnopt.attention``
-    (``target="op"``) or to plain SDPA on strided views with ``enable_gqa`` (``target="portable"``:
-    ATen ops only, so the saved program loads where attnopt is not installed).
+    """Return a new ExportedProgram with attention lowered: per site to the cheaper exact call,
+    plain SDPA on strided views or ``torch.ops.attnopt.attention``, for the device the program was
+    traced on (``target="auto"``); to the op everywhere (``target="op"``); or to plain SDPA on
+    strided views with ``enable_gqa`` only (``target="portable"``: ATen ops only, so the saved
+    program loads where attnopt is not installed).
 
     The input program is not modified; the new one shares its parameters and constants. Inputs,
     outputs and the graph signature (names included) are unchanged; only nodes inside the graph

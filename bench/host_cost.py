@@ -25,22 +25,26 @@ from attention_core import hf_core  # noqa: E402
 from common import add_shape_args, write_json  # noqa: E402
 
 
-def _step_us(step, iters: int, repeats: int) -> float:
-    for _ in range(iters):
-        step()
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _steps_us(steps: dict, iters: int, repeats: int) -> dict:
+    """Median µs per step of each callable, the variants interleaved in every repeat so that a
+    slow spell of the machine falls on all of them alike."""
+    for step in steps.values():
         for _ in range(iters):
             step()
-        runs.append((time.perf_counter() - t) / iters * 1e6)
-    return statistics.median(runs)
+    runs: dict = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(iters):
+                step()
+            runs[name].append((time.perf_counter() - t) / iters * 1e6)
+    return {name: statistics.median(r) for name, r in runs.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(p, batch=1, seq=16, iters=200, heads=4, kv_heads=2, head_dim=16)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--profile", choices=["attnopt", "attnopt op"], default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -56,12 +60,8 @@ def main() -> None:
         "attnopt op": torch.compile(core, backend=attnopt.backend(kernel="cpu_flash")),
         "attnopt sdpa on views": torch.compile(core, backend=attnopt.backend(target="portable")),
     }
-    rows = []
-    for name, fn in variants.items():
-        def step(fn=fn):
-            fn(q, k, v).backward(grad)
-
-        rows.append({"variant": name, "host_us": _step_us(step, args.iters, args.repeats)})
+    steps = {name: (lambda fn=fn: fn(q, k, v).backward(grad)) for name, fn in variants.items()}
+    rows = [{"variant": name, "host_us": us} for name, us in _steps_us(steps, args.iters, args.repeats).items()]
     base = rows[0]["host_us"]
     print(f"host time per forward+backward, CPU, 1 thread, B={b} S={s} Hq={h} Hkv={hkv} D={d} float32, "
           f"torch {torch.__version__}")

@@ -1,7 +1,10 @@
 """torch.export -> attnopt.optimize -> save -> load -> run, on a transformers-style Llama block.
 
-The saved program calls ``torch.ops.attnopt.attention``, so loading it needs ``import attnopt``
-(which registers the op); ``python -m attnopt inspect FILE`` reports on the saved file.
+``target="op"`` puts ``torch.ops.attnopt.attention`` at every site, which picks its kernel on the
+device where the program runs (the default, "auto", chooses per site for the device the program was
+traced on: on this CPU trace, plain SDPA on views). The saved program calls the op, so loading it
+needs ``import attnopt`` (which registers the op); ``python -m attnopt inspect FILE`` reports on the
+saved file.
 
     python examples/export_save_load.py [--out model.pt2]
 """
@@ -15,6 +18,7 @@ import torch
 
 import attnopt
 from attnopt.demo_model import LlamaBlock
+from attnopt.report.explain import ExplainReport, GraphRecord
 
 
 def main() -> int:
@@ -26,8 +30,8 @@ def main() -> int:
     x = torch.randn(2, 32, 128)
 
     ep = torch.export.export(model, (x,))
-    optimized, result = attnopt.optimize(ep, return_result=True)
-    print(attnopt.explain(ep), "\n")
+    optimized, result = attnopt.optimize(ep, target="op", return_result=True)
+    print(ExplainReport.of([GraphRecord(ep.graph_module, optimized.graph_module, result)]), "\n")
 
     path = args.out or os.path.join(tempfile.mkdtemp(prefix="attnopt-"), "llama_block.pt2")
     torch.export.save(optimized, path)

@@ -8,11 +8,14 @@ import attnopt
 
 
 class Capture:
-    """A torch.compile backend that runs attnopt (strict) and keeps every before/after graph."""
+    """A torch.compile backend that runs attnopt (strict) and keeps every before/after graph.
 
-    def __init__(self, inner: str = "aot_eager", **kw):
+    Its target is "op" unless given: the tests check what attnopt recognised by the op it emits,
+    which "auto" replaces with plain SDPA wherever SDPA computes the site for less (the CPU's case)."""
+
+    def __init__(self, inner: str = "aot_eager", target: str = "op", **kw):
         self.graphs: list = []
-        self.backend = attnopt.backend(inner, strict=True, on_result=self._keep, **kw)
+        self.backend = attnopt.backend(inner, strict=True, target=target, on_result=self._keep, **kw)
 
     def _keep(self, before, after, result):
         self.graphs.append((before, after, result))

@@ -98,7 +98,7 @@ def test_report_work_runs_only_when_a_report_is_read(monkeypatch, tmp_path):
     monkeypatch.setattr(dump, "_tracing", lambda: False)
     model, x = LlamaAttention(64, 4, 2), torch.randn(2, 8, 64)
     results = []
-    for backend in ("attnopt", attnopt.backend(on_result=lambda *r: results.append(r[2])),
+    for backend in ("attnopt", attnopt.backend(target="op", on_result=lambda *r: results.append(r[2])),
                     attnopt.backend(dump_dir=tmp_path)):
         torch._dynamo.reset()
         torch.compile(model, backend=backend)(x)

@@ -50,7 +50,8 @@ def pt2(tmp_path_factory):
 def test_inspect_prints_the_report_and_writes_dumps(pt2, tmp_path):
     proc = _cli("inspect", str(pt2), "--out", str(tmp_path / "dumps"))
     assert proc.returncode == 0, proc.stderr
-    assert "1 lowered" in proc.stdout and "attnopt.attention" in proc.stdout and "cpu_flash" in proc.stdout
+    # a CPU program: the op would run the kernel SDPA runs, so "auto" lowers the site to SDPA on views
+    assert "1 lowered" in proc.stdout and "sdpa on views" in proc.stdout and "on the CPU" in proc.stdout
     assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr
     folder = tmp_path / "dumps" / "graph_000"
     assert {"index.html", "before.py", "after.py", "diff.patch", "report.txt", "report.json"} <= {
@@ -60,8 +61,9 @@ def test_inspect_prints_the_report_and_writes_dumps(pt2, tmp_path):
 
 def test_optimize_saves_a_program_that_loads_and_runs(pt2, tmp_path, capsys):
     out = tmp_path / "sub" / "opt.pt2"
-    assert main(["optimize", str(pt2), str(out)]) == 0
-    assert "1 lowered" in capsys.readouterr().out
+    assert main(["optimize", str(pt2), str(out), "--target", "op"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 lowered" in printed and "loading it needs `import attnopt`" in printed
     loaded = torch.export.load(out)
     assert sum(n.target is ATTN for n in loaded.graph.nodes) == 1
     x = torch.randn(2, 8, 64)
@@ -70,8 +72,11 @@ def test_optimize_saves_a_program_that_loads_and_runs(pt2, tmp_path, capsys):
     assert "already calls attnopt.attention 1 time" in capsys.readouterr().out
 
 
-def test_optimize_portable(pt2, tmp_path):
-    assert main(["optimize", str(pt2), str(tmp_path / "p.pt2"), "--portable"]) == 0
+@pytest.mark.parametrize("target", ["portable", "auto"])
+def test_optimize_to_plain_sdpa(pt2, tmp_path, capsys, target):
+    """portable always, and auto on a CPU program (the op would run SDPA's kernel): no op in the file."""
+    assert main(["optimize", str(pt2), str(tmp_path / "p.pt2"), "--target", target]) == 0
+    assert "loads with plain torch" in capsys.readouterr().out
     assert not any(n.target is ATTN for n in torch.export.load(tmp_path / "p.pt2").graph.nodes)
 
 

@@ -50,7 +50,7 @@ def _check_folder(folder, site: str) -> None:
 
 
 def test_backend_dump_dir(tmp_path):
-    _compile_with(attnopt.backend("aot_eager", strict=True, dump_dir=tmp_path))
+    _compile_with(attnopt.backend("aot_eager", strict=True, target="op", dump_dir=tmp_path))
     (folder,) = tmp_path.iterdir()
     assert folder.name == "graph_000"
     _check_folder(folder, "attention")
@@ -58,8 +58,8 @@ def test_backend_dump_dir(tmp_path):
 
 def test_dump_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNOPT_DUMP_DIR", str(tmp_path))
-    _compile_with(attnopt.backend("aot_eager", strict=True))
-    _compile_with(attnopt.backend("aot_eager", strict=True))
+    _compile_with(attnopt.backend("aot_eager", strict=True, target="op"))
+    _compile_with(attnopt.backend("aot_eager", strict=True, target="op"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_000", "graph_001"]
 
 
@@ -85,7 +85,7 @@ def test_unwritable_dump_dir_from_environment_warns_and_compiles(tmp_path, monke
     blocker.write_text("")
     monkeypatch.setenv("ATTNOPT_DUMP_DIR", str(blocker))
     with pytest.warns(UserWarning, match="could not write a graph dump"):
-        _compile_with(attnopt.backend("aot_eager", strict=True))
+        _compile_with(attnopt.backend("aot_eager", strict=True, target="op"))
 
 
 class _Links(HTMLParser):
@@ -148,7 +148,7 @@ def test_index_page_links_every_site_and_drawing(tmp_path, via):
 
 def test_attnopt_logger_shows_report_and_diff(caplog):
     with caplog.at_level(logging.DEBUG, logger="attnopt"):
-        _compile_with(attnopt.backend("aot_eager", strict=True))
+        _compile_with(attnopt.backend("aot_eager", strict=True, target="op"))
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "attnopt.graphs")
     assert "1 lowered" in text and "+" in text and "attnopt.attention.default" in text
 
@@ -156,7 +156,7 @@ def test_attnopt_logger_shows_report_and_diff(caplog):
 def test_torch_logs_and_torch_trace(tmp_path):
     """TORCH_LOGS="+attnopt" prints the report and diff; TORCH_TRACE gets them as artifacts."""
     code = ("import torch, attnopt\nfrom attnopt.demo_model import LlamaAttention\n"
-            "torch.compile(LlamaAttention(64, 4, 2), backend=attnopt.backend('aot_eager'))(torch.randn(2, 8, 64))\n")
+            "torch.compile(LlamaAttention(64, 4, 2), backend=attnopt.backend('aot_eager', target='op'))(torch.randn(2, 8, 64))\n")
     env = {**os.environ, "TORCH_LOGS": "+attnopt", "TORCH_TRACE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -168,7 +168,7 @@ def test_torch_logs_and_torch_trace(tmp_path):
 def test_regions_cover_removed_and_added_nodes():
     model, x = _model()
     ep = torch.export.export(model, (x,))
-    new_ep, result = attnopt.optimize(ep, return_result=True)
+    new_ep, result = attnopt.optimize(ep, return_result=True, target="op")
     (site,) = result.sites
     region_b, core_b, region_a, core_a = dump.regions(ep.graph_module, new_ep.graph_module, site)
     assert core_b == {site.name, *site.removed} and core_b < region_b
@@ -179,7 +179,7 @@ def test_regions_cover_removed_and_added_nodes():
 
 def test_golden_dynamo_diff():
     graphs = []
-    _compile_with(attnopt.backend("aot_eager", strict=True, on_result=lambda *g: graphs.append(g)))
+    _compile_with(attnopt.backend("aot_eager", strict=True, target="op", on_result=lambda *g: graphs.append(g)))
     assert_expected_inline(_normalized(dump.graph_diff(*graphs[-1][:2])), """\
 --- before.py
 +++ after.py
@@ -234,7 +234,7 @@ def test_golden_dynamo_diff():
 def test_golden_export_diff_and_drawing():
     model, x = _model()
     ep = torch.export.export(model, (x,))
-    new_ep, result = attnopt.optimize(ep, return_result=True)
+    new_ep, result = attnopt.optimize(ep, return_result=True, target="op")
     assert_expected_inline(_normalized(dump.graph_diff(ep.graph_module, new_ep.graph_module)), """\
 --- before.py
 +++ after.py

@@ -31,7 +31,9 @@ def _check_llama_row(report: attnopt.ExplainReport) -> None:
     (row,) = report.rows
     s = row.site
     assert (row.module, row.name, row.id, s.module, row.module_type) == ("", "attention", "attention", "", None)
-    assert (s.status, row.lowered_to, s.kernel) == ("lowered", "attnopt.attention", "cpu_flash")
+    # on the CPU the op would run the kernel SDPA runs: the site becomes SDPA on views (target "auto")
+    assert (s.status, row.lowered_to, s.kernel) == ("lowered", "sdpa on views", None)
+    assert s.call.startswith("SDPA on views: on the CPU")
     assert (s.heads, s.gqa_group, s.head_dims, s.is_causal, s.has_mask) == ((HQ, HKV), 2, (D, D), True, False)
     assert (s.layout, s.kv_layout, s.out_layout) == ("bhsd", "bhsd/bshd", "bshd")
     assert row.file.endswith("demo_model.py") and row.line == _sdpa_line() and row.function == "forward"
@@ -40,9 +42,9 @@ def _check_llama_row(report: attnopt.ExplainReport) -> None:
     assert (s.copies_removed, s.bytes_removed) == (4, 4 * B * HQ * S * D * 4)
     text = str(report)
     assert re.search(r"1 attention site in 1 graph( \(training\))?: 1 lowered, 0 left as written", text)
-    assert "4/2 (GQA 2)" in text and "4 (16.0 KiB)" in text and "cpu_flash" in text
+    assert "4/2 (GQA 2)" in text and "4 (16.0 KiB)" in text and "sdpa on views" in text
     site = json.loads(report.to_json())["sites"][0]
-    assert site["bytes_removed"] == 16384 and site["lowered_to"] == "attnopt.attention" and site["line"] == row.line
+    assert site["bytes_removed"] == 16384 and site["lowered_to"] == "sdpa on views" and site["line"] == row.line
     assert (site["site"], site["id"], site["node"], site["mask_action"]) == ("attention", "attention", s.name, "none")
 
 
@@ -143,12 +145,12 @@ def test_explain_graph_module_without_shapes_records_them_from_args():
     gm = torch.fx.symbolic_trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     q = torch.randn(B, HQ, S, D)
     (row,) = attnopt.explain(gm, q, q, q).rows
-    assert row.site.status == "lowered" and row.site.kernel == "cpu_flash"
+    assert row.site.status == "lowered" and row.site.heads == (HQ, HQ) and row.site.head_dims == (D, D)
 
 
 def test_explain_counts_a_program_already_optimized():
     model, x = _model_and_input()
-    report = attnopt.explain(attnopt.optimize(torch.export.export(model, (x,))))
+    report = attnopt.explain(attnopt.optimize(torch.export.export(model, (x,)), target="op"))
     assert report.rows == [] and report.attnopt_calls_before == 1
     assert "already calls attnopt.attention 1 time" in str(report)
 

@@ -1,4 +1,4 @@
-"""Per site on CUDA, the cheaper of two exact lowerings: plain SDPA on strided views, or the op.
+"""Per site, for target "auto", the cheaper of two exact lowerings: plain SDPA on strided views, or the op.
 
 Both compute the site exactly; they differ in cost. SDPA on views (``enable_gqa``, ``is_causal``,
 ``scale``) reaches torch's cuDNN or flash kernel with no Python in the launch path and with
@@ -16,7 +16,10 @@ written, 32/8 heads (32/32 falls within 0.02 of it):
 
 So the op is emitted where flash-attn-4 would run the call and its sequences are at least as
 long as the crossover measured for its head dim; SDPA everywhere else it can compute the site
-(with cuDNN under both, the op only adds its launch path). A sequence length known only at run
+(with cuDNN under both, the op only adds its launch path). On the CPU the op runs the kernel SDPA
+runs (``bench/host_cost.py``: 1.8x Inductor's host time at tiny shapes, SDPA on views 0.96x), so
+SDPA on views wherever it computes the site, except for a written softmax (``empty_rows`` other
+than "zero"), whose NaNs for a NaN input or a row with no key only the op reproduces. A sequence length known only at run
 time gets SDPA, which is never slower than Inductor at either end of the sweep. Sites SDPA has no
 spelling for (windows, packed sequences, key lengths, softcapping, sinks, finite fills, NaN rows,
 masks the op turns into flags or key lengths) always get the op.
@@ -51,7 +54,7 @@ def _bhsd(op) -> Optional[list[int]]:
 def sdpa_instead(site: AttentionSite, kernel: str) -> Optional[str]:
     """Why ``site`` is lowered to SDPA on views rather than to the op (None: the op)."""
     q = meta(site.query.source)
-    if kernel != "auto" or q.device.type != "cuda" or sdpa_refusal(site) is not None:
+    if kernel != "auto" or q.device.type not in ("cuda", "cpu") or sdpa_refusal(site) is not None:
         return None
     causal = sdpa_causal(site)
     if causal is None or site.plan.action not in ("none", "flags"):
@@ -59,6 +62,10 @@ def sdpa_instead(site: AttentionSite, kernel: str) -> Optional[str]:
     operands = (site.query, site.key, site.value)
     if any(set("bhsd") - set(op.dims) for op in operands):
         return None  # operands without a batch or head axis of their own (merged B·H): the op reads them
+    if q.device.type == "cpu":
+        if site.empty_rows != "zero":
+            return None  # the op reproduces the NaNs a written softmax gives a NaN input or an empty row
+        return "SDPA on views: on the CPU the op would run the kernel SDPA runs, plus its launch path"
     sizes = [_bhsd(op) for op in operands]
     if any(s is None for s in sizes):
         return "SDPA on views: sequence lengths known only at run time (SDPA is never slower there)"

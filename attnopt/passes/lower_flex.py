@@ -77,7 +77,7 @@ def flex_refusal(site: AttentionSite, target: str) -> Optional[str]:
     return None
 
 
-def lower_flex(gm: GraphModule, site: AttentionSite, kernel: str = "auto", target: str = "op") -> Lowered:
+def lower_flex(gm: GraphModule, site: AttentionSite, kernel: str = "auto", target: str = "auto") -> Lowered:
     """Lower a site that ``uses_flex``."""
     if site.plan.action == "flex":
         return lower_to_flex(gm, site)
@@ -87,7 +87,7 @@ def lower_flex(gm: GraphModule, site: AttentionSite, kernel: str = "auto", targe
     with gm.graph.inserting_before(site.node):
         some, every = blocks.occupancy(build, s, sq, sk, mm.block_mask.block_size, meta(site.query.source).device)
         blocks.check_block_mask(build, mm.block_mask, some, every, site.name)
-    return lower_to_op(gm, site, kernel) if target == "op" else lower_to_sdpa(gm, site)
+    return lower_to_sdpa(gm, site) if target == "portable" else lower_to_op(gm, site, kernel)
 
 
 # --- flex_attention from a structure -----------------------------------------------------------

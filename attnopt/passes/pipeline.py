@@ -20,13 +20,14 @@ from ..patterns import AttentionSite, find_sites
 from ..fx.normalize import meta, shape
 from ..report import source
 from ..report.accounting import annotate
+from .cache_writes import keep_cache_writes_in_place
 from .choose_call import sdpa_instead
 from .lower_attention import lower_to_op
 from .lower_flex import flex_refusal, lower_flex, uses_flex
 from .lower_portable import lower_to_sdpa, sdpa_refusal
 
 log = logging.getLogger("attnopt")
-TARGETS = ("op", "portable")
+TARGETS = ("auto", "op", "portable")
 
 
 def check_target(target: str, kernel: str) -> None:
@@ -65,7 +66,7 @@ class SiteReport:
     copies_removed: int = 0  # removed nodes that materialised memory, per forward call
     bytes_removed: Optional[int] = 0  # what those copies wrote; None when a size is unknown
     kernel: Optional[str] = None  # the kernel the new op picks on its inputs' device and shapes
-    call: Optional[str] = None  # why SDPA on views was emitted for target "op" (passes/choose_call.py)
+    call: Optional[str] = None  # why SDPA on views was emitted for target "auto" (passes/choose_call.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +79,7 @@ class PassResult:
     sites: list[SiteReport] = field(default_factory=list)
     error: Optional[str] = None
     masks_removed: list[str] = field(default_factory=list)  # mask-building nodes left unused
+    cache_writes: int = 0  # KV-cache index_copy writes rewritten to stay in place (passes/cache_writes.py)
 
     @property
     def lowered(self) -> int:
@@ -196,14 +198,17 @@ def _copy(gm: GraphModule) -> GraphModule:
     return new
 
 
-def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = False, target: str = "op",
+def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = False, target: str = "auto",
                    constants: Optional[dict] = None, report: bool = True) -> tuple[GraphModule, PassResult]:
     """Lower every provable attention site of ``gm``. Returns (new module, report).
 
-    ``target`` "op" lowers to ``torch.ops.attnopt.attention``; "portable" to plain SDPA on strided
-    views with ``enable_gqa`` (ATen ops only, for programs that must load without attnopt).
+    ``target`` "auto" lowers each site to the cheaper of two exact calls: plain SDPA on strided
+    views where SDPA computes it and the op would run no faster kernel (``choose_call``), else
+    ``torch.ops.attnopt.attention``; "op" lowers every site to the op; "portable" to plain SDPA on
+    strided views with ``enable_gqa`` (ATen ops only, for programs that must load without attnopt).
     ``constants`` are the values of placeholders that stand for constant tensors (an exported
-    program's lifted constants), by name. On an error the original ``gm`` is returned with a
+    program's lifted constants), by name. KV-cache writes spelled ``index_copy(_)`` become
+    ``index_put(_)``, which Inductor keeps in place (``cache_writes``). On an error the original ``gm`` is returned with a
     warning (an exception when strict). ``report`` False leaves out what only a report reads:
     each site's expected kernel and the copies its rewrite removed.
     """
@@ -214,6 +219,7 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
         for node in work.graph.find_nodes(op="placeholder"):
             if constants and node.name in constants:
                 node.meta["attnopt_constant"] = constants[node.name]
+        result.cache_writes = keep_cache_writes_in_place(work)
         writes = Writes(work.graph, work)
         order = {n: i for i, n in enumerate(work.graph.nodes)}
         found = find_sites(work.graph, writes)
@@ -226,7 +232,7 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
             if site.skip_reason is None and target == "portable":
                 site.skip_reason = sdpa_refusal(site)
         nan_readers = _nan_readers(sites)
-        to_sdpa: dict[int, str] = {}  # by id: for target "op", the sites SDPA on views runs for less
+        to_sdpa: dict[int, str] = {}  # by id: for target "auto", the sites SDPA on views runs for less
         for site in sites:
             if site.skip_reason is not None:
                 continue
@@ -235,7 +241,7 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
                     site.skip_reason = ("reads the output of an attention that may leave a row NaN, which plain "
                                         "SDPA does not spread as the softmax written here does: left as written "
                                         "for target='portable'")
-            elif target == "op" and not uses_flex(site):
+            elif target == "auto" and not uses_flex(site):
                 why = sdpa_instead(site, kernel)
                 if why is not None:
                     to_sdpa[id(site)] = why
@@ -272,6 +278,8 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
         warnings.warn(f"attnopt: passes failed, graph left unchanged: {type(e).__name__}: {e}", stacklevel=2)
         return gm, PassResult(error=f"{type(e).__name__}: {e}")
     log.info("attnopt: lowered %d of %d attention sites", result.lowered, len(result.sites))
+    if result.cache_writes:
+        log.info("attnopt: %d KV-cache writes (index_copy_) kept in place as index_put_", result.cache_writes)
     for s in result.sites:
         if s.status == "skipped":
             log.info("attnopt: left %s as written: %s", s.name, s.reason)

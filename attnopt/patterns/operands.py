@@ -87,14 +87,16 @@ def _trimmed_output(node: Node, v: TracedOperand, dims: str) -> Optional[OutputU
     return trace_output(node, trim_to=vs[v.dims.index("d")], dims=dims) if v.pad and vs is not None else None
 
 
-def _operand_unsafe(op: TracedOperand, writes: Writes) -> bool:
+def _operand_unsafe(op: TracedOperand, writes: Writes, call: Node, saved: bool) -> bool:
     """A write to the memory the chain spans, from its first crossed step on: the copy the walk
-    crossed would not have seen it, an in-place read would (and the op keeps its inputs for
-    backward, so later writes count too)."""
+    crossed would not have seen it, an in-place read would. Up to the call when nothing is kept
+    for backward; when it is (``saved``), later writes count too. A decode step over a KV cache
+    is the case that needs the difference: every later layer writes its own cache in place, which
+    may alias this layer's as far as the graph can tell."""
     if not op.skipped:
         return False
     first = min(op.skipped, key=writes.position)
-    return writes.first_write([op.source, *op.skipped], after=first) is not None
+    return writes.first_write([op.source, *op.skipped], after=first, before=None if saved else call) is not None
 
 
 def _output_unsafe(out: OutputUse, node: Node, writes: Writes) -> bool:
@@ -122,9 +124,11 @@ def trace_operands(node: Node, query: Node, key: Node, value: Node, writes: Writ
     """(q, k, v, output use) of the attention computed by ``node`` from operands it reads as
     ``dims`` ("bhsd", "bshd" or "thd"; ``node``'s value is the output in the same layout)."""
     q, k, v, out = _trace_all(node, query, key, value, dims)
-    if _operand_unsafe(q, writes):
+    saved = any(isinstance(meta(t), torch.Tensor) and meta(t).requires_grad for t in (query, key, value))
+    if _operand_unsafe(q, writes, node, saved):
         q = _as_called(query, dims)
-    if _operand_unsafe(k, writes) or _operand_unsafe(v, writes) or _output_unsafe(out, node, writes):
+    if _operand_unsafe(k, writes, node, saved) or _operand_unsafe(v, writes, node, saved) \
+            or _output_unsafe(out, node, writes):
         k, v, out = _as_called(key, dims), _as_called(value, dims), trace_output(node, dims=dims)
         if _output_unsafe(out, node, writes):
             out = OutputUse(node, dims)

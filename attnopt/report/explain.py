@@ -247,6 +247,9 @@ class ExplainReport:
         for i, rec in enumerate(self.records):
             if rec.result.error:
                 notes.append(f"graph {i}: passes failed, graph left unchanged: {rec.result.error}")
+            if rec.result.cache_writes:
+                notes.append(f"graph {i}: {rec.result.cache_writes} KV-cache write(s) index_copy_ -> index_put_, "
+                             f"which Inductor keeps in place instead of copying the cache")
         modes = mode_note(self.rows)
         return notes + ([modes] if modes else [])
 
@@ -272,7 +275,7 @@ class ExplainReport:
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         graphs = [{"graph": i, "error": rec.result.error, "masks_removed": rec.result.masks_removed,
-                   "training": rec.training} for i, rec in enumerate(self.records)]
+                   "cache_writes": rec.result.cache_writes, "training": rec.training} for i, rec in enumerate(self.records)]
         return json.dumps({"graphs": graphs, "attnopt_calls_before": self.attnopt_calls_before,
                            "sites": [r.to_dict() for r in self.rows]}, indent=indent, default=str)
 

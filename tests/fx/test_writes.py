@@ -169,3 +169,39 @@ def test_export_keeps_copies_around_writes():
     torch.testing.assert_close(ep.module()(x), fn(x))
     (site,) = result.sites
     assert site.status == "lowered" and site.layout == "bhsd"
+
+
+def _cache_step(cache_k, cache_v, q, write_before: bool):
+    """A decode step as a cache writes it: repeat_kv of the cache, attention, then a write to the
+    cache (the next layer's write, as far as aliasing can tell) or the same write before attention."""
+    k = cache_k[:, :, None].expand(B, 2, 2, S, D).reshape(B, 4, S, D)
+    v = cache_v[:, :, None].expand(B, 2, 2, S, D).reshape(B, 4, S, D)
+    if write_before:
+        cache_k.mul_(2)  # the repeat saw the old cache; an in-place read would see this
+    out = F.scaled_dot_product_attention(q, k, v)
+    if not write_before:
+        cache_k.mul_(2)
+    return out
+
+
+@pytest.mark.parametrize("write_before", [False, True], ids=["write after", "write between"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_a_write_after_attention_blocks_in_place_reads_only_when_backward_keeps_them(write_before, grad):
+    """Without a backward, the op reads a repeated cache where it lies unless it is written before
+    the call; with one (saved inputs), a write anywhere after the repeat keeps the copy."""
+    torch.manual_seed(0)
+    cache_k, cache_v = (torch.randn(B, 2, S, D, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(B, 4, 1, D, dtype=torch.float64, requires_grad=grad)
+    capture = Capture("aot_eager")
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        got_k = cache_k.clone()
+        got = torch.compile(_cache_step, backend=capture.backend)(got_k, cache_v, q, write_before)
+        want_k = cache_k.clone()
+        want = _cache_step(want_k, cache_v, q, write_before)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_k, want_k)
+    if grad:
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), q), torch.autograd.grad(want.sum(), q))
+    (site,) = capture.result.sites
+    assert site.status == "lowered" and site.gqa_group == (1 if write_before or grad else 2)

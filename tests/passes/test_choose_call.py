@@ -1,5 +1,7 @@
-"""On CUDA, target "op" lowers a site SDPA can compute to SDPA on views unless the op would run a
-faster kernel on sequences long enough to hide its launch path (passes/choose_call.py).
+"""Target "auto" lowers a site SDPA can compute to SDPA on views unless the op would run a faster
+kernel on sequences long enough to hide its launch path (passes/choose_call.py): on CUDA by the
+measured crossover; on the CPU, where the op runs SDPA's own kernel, always, except for a written
+softmax whose NaNs only the op reproduces.
 
 CI has no GPU: the graphs here are traced on the CPU and the pass is told their tensors live on
 CUDA and which kernel the op would pick there; the lowered graph then runs on the CPU against
@@ -92,7 +94,34 @@ def test_a_forced_kernel_keeps_the_op(on_cuda):
     assert calls == {OP} and site.call is None
 
 
-def test_the_cpu_keeps_the_op():
-    """On the CPU the op is the one that reproduces a written softmax's NaNs exactly."""
-    *_, site, calls = _lower(64)
+def test_the_cpu_lowers_sdpa_to_sdpa_on_views():
+    model, x, new, site, calls = _lower(64)
+    assert calls == {SDPA} and "on the CPU" in site.call
+    _same_as_eager(model, x, new)
+    *_, site, calls = _lower(64, target="op")
     assert calls == {OP} and site.call is None
+
+
+def test_the_cpu_keeps_the_op_for_a_written_softmax():
+    """Only the op reproduces the NaNs a written softmax gives a NaN input or a row with no key."""
+    def f(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) / 4.0
+        causal = torch.ones(8, 8, dtype=torch.bool).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+    q, k, v = (torch.randn(2, 4, 8, 16, dtype=torch.float64) for _ in range(3))
+    q[0, 1, 3, 5] = float("nan")
+    new, result = attnopt.optimize(torch.export.export(_Fn(f), (q, k, v)), strict=True, return_result=True)
+    (site,) = result.sites
+    assert site.status == "lowered" and site.call is None
+    assert any(n.target is OP for n in new.graph.nodes)
+    torch.testing.assert_close(new.module()(q, k, v), f(q, k, v), equal_nan=True)
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)

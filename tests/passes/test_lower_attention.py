@@ -52,7 +52,7 @@ def test_parameters_stay_static_inputs_for_cuda_graphs():
     torch.manual_seed(0)
     model = LlamaAttention(hidden_size=64, num_heads=4, num_kv_heads=2)
     graphs = []
-    backend = attnopt.backend(lambda gm, ex: graphs.append(gm) or gm.forward, strict=True)
+    backend = attnopt.backend(lambda gm, ex: graphs.append(gm) or gm.forward, strict=True, target="op")
     torch._dynamo.reset()
     torch.compile(model, backend=backend)(torch.randn(2, 8, 64))
     (gm,) = graphs
@@ -118,7 +118,7 @@ def test_export_graph_after_optimize_reads_projections_in_place():
     model = Core()
     x = torch.randn(2, 8, 64)
     ep = torch.export.export(model, (x,))
-    new_ep, result = attnopt.optimize(ep, strict=True, return_result=True)
+    new_ep, result = attnopt.optimize(ep, strict=True, return_result=True, target="op")
     assert [s.status for s in result.sites] == ["lowered"]
     assert_expected_inline(_attention_region(new_ep.graph_module.code), """\
 view_2 = torch.ops.aten.view.default(linear_2, [2, 8, -1, 16])
@@ -135,7 +135,7 @@ def test_exported_llama_attention_matches_forward_and_backward(tmp_path):
     torch.manual_seed(0)
     model = LlamaAttention(hidden_size=64, num_heads=4, num_kv_heads=2).double()
     x = torch.randn(2, 8, 64, dtype=torch.float64, requires_grad=True)
-    new_ep = attnopt.optimize(torch.export.export(model, (x,)), strict=True)
+    new_ep = attnopt.optimize(torch.export.export(model, (x,)), strict=True, target="op")
     assert _layout_ops_around_attention(new_ep.graph_module) == []
     torch.export.save(new_ep, tmp_path / "llama_attention.pt2")
     loaded = torch.export.load(tmp_path / "llama_attention.pt2").module()
@@ -241,11 +241,11 @@ def test_pass_failure_falls_back_with_a_warning(monkeypatch):
     import pytest
 
     with pytest.warns(UserWarning, match="synthetic failure"):
-        out = torch.compile(model, backend=attnopt.backend("aot_eager"))(x)
+        out = torch.compile(model, backend=attnopt.backend("aot_eager", target="op"))(x)
     torch.testing.assert_close(out, model(x))
     torch._dynamo.reset()
     with pytest.raises(Exception, match="synthetic failure"):
-        torch.compile(model, backend=attnopt.backend("aot_eager", strict=True))(x)
+        torch.compile(model, backend=attnopt.backend("aot_eager", strict=True, target="op"))(x)
 
 
 def test_attention_reading_the_output_of_attention():

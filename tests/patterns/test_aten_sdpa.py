@@ -171,7 +171,7 @@ def test_bottom_right_causal_is_stated():
     aligns = {}
     for name in ("flash_bottom_right", "cudnn_top_left"):
         model, _, inputs = _case(name)
-        optimized = attnopt.optimize(torch.export.export(model, inputs), strict=True)
+        optimized = attnopt.optimize(torch.export.export(model, inputs), strict=True, target="op")
         (call,) = [n for n in optimized.graph_module.graph.nodes if n.target is torch.ops.attnopt.attention.default]
         assert call.kwargs["is_causal"]
         aligns[name] = call.kwargs.get("causal_align", "top_left")

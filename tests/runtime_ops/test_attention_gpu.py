@@ -86,7 +86,7 @@ def test_dropout_forward_and_backward_share_the_mask(kernel):
     print(f"\ndropout on {kernel}: <dO,out>={lhs.item():.4f} <dV,v>={rhs.item():.4f}")
 
 
-@pytest.mark.parametrize("kernel", ["fa4", "flash", "cudnn", "efficient", "math"])
+@pytest.mark.parametrize("kernel", ["decode", "fa4", "flash", "cudnn", "efficient", "math"])
 def test_seqused_k_decode_matches_sliced_cache(kernel):
     kern = kernels.KERNELS[kernel]
     if kern.available(torch.device("cuda")):
@@ -118,9 +118,52 @@ def test_decode_over_a_cache_runs_in_a_cuda_graph():
         out = R.attention(q, k, v, seqused_k=lengths)
     lengths += 5  # the graph reads the new lengths when replayed
     graph.replay()
-    assert {c.kernel for c in calls} == {"flash"}
+    assert {c.kernel for c in calls} == {"decode"}
     want = R.attention(q, k, v, seqused_k=lengths)
     assert rel_err(out, want) < 1e-6 and rel_err(out, eager) > 1e-4
+
+
+@pytest.mark.parametrize("heads,dims,window", [((32, 8), (128, 128), -1), ((8, 8), (64, 64), -1),
+                                                ((16, 2), (96, 96), -1), ((64, 1), (256, 256), -1),
+                                                ((16, 16), (192, 128), -1), ((32, 8), (128, 128), 100)])
+@pytest.mark.parametrize("cache", [257, 8192])
+def test_split_kv_decode_against_float64(heads, dims, window, cache):
+    """attnopt's split-KV decode kernel: any group size, head dims (MLA's dqk != dv), lengths from
+    0 (no key: out 0, lse -inf) to the whole cache and not multiples of a block, a sliding window;
+    out, lse and (through the math backward) the gradients against float64."""
+    (hq, hkv), (d, dv) = heads, dims
+    torch.manual_seed(0)
+    b = 5
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, hkv, cache, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, hkv, cache, dv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lengths = torch.tensor([0, 1, cache // 3 + 1, cache - 1, cache], device="cuda", dtype=torch.int32)
+    kw = dict(seqused_k=lengths, is_causal=True, causal_align="bottom_right", window_size=(window, 0))
+    with R.trace_kernels() as calls:
+        out, lse, _ = torch.ops.attnopt.attention(q, k, v, None, 0.0, True, None, "bhsd", None, "bottom_right",
+                                                  [window, 0], None, None, None, None, "auto", lengths)
+        attn = R.attention(q, k, v, **kw)
+    assert {c.kernel for c in calls} == {"decode"}
+    grad = torch.randn_like(attn)
+    got = torch.autograd.grad(attn, (q, k, v), grad)
+    for i, n in enumerate(lengths.tolist()):
+        lo = max(0, n - 1 - window) if window >= 0 else 0
+        if n == 0:
+            assert out[i].abs().max() == 0 and torch.isneginf(lse[i]).all()
+            assert all(g[i].abs().max() == 0 for g in got)
+            continue
+        q64, k64, v64 = (t[i:i + 1].detach().double().cpu().requires_grad_() for t in (q, k, v))
+        kk, vv = (t[:, :, lo:n].repeat_interleave(hq // hkv, 1) for t in (k64, v64))
+        scores = q64 @ kk.transpose(-1, -2) * d ** -0.5
+        ref = scores.softmax(-1) @ vv
+        want = torch.autograd.grad(ref, (q64, k64, v64), grad[i:i + 1].double().cpu())
+        assert rel_err(out[i:i + 1], ref) < TOL and rel_err(attn[i:i + 1], ref) < TOL
+        assert (lse[i].double().cpu() - scores.logsumexp(-1)[0]).abs().max() < 1e-2
+        if n - lo == 1:  # one key: the softmax is constant, dq and dk are zero up to rounding
+            assert all(g[i].abs().max() < 1e-2 for g in got[:2]) and rel_err(got[2][i:i + 1], want[2]) < TOL
+            continue
+        for g, w in zip(got, want):
+            assert rel_err(g[i:i + 1], w) < TOL
 
 
 NEG = float("-inf")

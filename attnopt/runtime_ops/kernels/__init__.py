@@ -5,9 +5,10 @@ The policy is an ordered list per device type, fastest first as measured on an H
 forward+backward of a Llama-3-8B attention core. The first kernel that is available and
 computes the call exactly wins; ``math`` computes everything and always comes last.
 
-One exception: a single query over a partly filled KV cache (decode) tries FLASH first. Its
-split-KV path spreads the cache over all SMs, which FA4 does not do on sm90: 73 us against
-372 us for batch 8, 32/8 heads, 4096 of 8192 cached keys on the H100.
+One exception: a single query over a partly filled KV cache (decode) tries the split-KV kernels
+first: attnopt's Triton ``decode`` (reads only each batch's filled keys), then FLASH (splits sized
+by the whole cache). FA4 has no split-KV path on sm90: 372 us against FLASH's 73 us for batch 8,
+32/8 heads, 4096 of 8192 cached keys on the H100.
 """
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from ..spec import AttnSpec, key_lengths_as_mask
 from .base import Kernel
 from .cpu import CpuFlashKernel
 from .cuda import CudnnKernel, EfficientKernel, FlashKernel
+from .decode import DecodeKernel
 from .fa4 import FA4Kernel
 from .math import MathKernel
 
 KERNELS: dict[str, Kernel] = {
-    k.name: k for k in (FA4Kernel(), CudnnKernel(), FlashKernel(), EfficientKernel(), CpuFlashKernel(), MathKernel())
+    k.name: k for k in (FA4Kernel(), CudnnKernel(), FlashKernel(), EfficientKernel(), DecodeKernel(), CpuFlashKernel(),
+                        MathKernel())
 }
 ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("fa4", "cudnn", "flash", "efficient", "math"),
+    "cuda": ("fa4", "cudnn", "flash", "efficient", "decode", "math"),
     "cpu": ("cpu_flash", "math"),
 }
 KERNEL_NAMES = ("auto", *KERNELS)
@@ -67,7 +70,7 @@ def select(spec: AttnSpec, kernel: str = "auto") -> Kernel:
 def _order(spec: AttnSpec) -> tuple[str, ...]:
     order = ORDER.get(spec.device.type, ("math",))
     if spec.seqused and spec.seqlen_q == 1 and "flash" in order:  # decode: split-KV first
-        order = ("flash", *(n for n in order if n != "flash"))
+        order = ("decode", "flash", *(n for n in order if n not in ("decode", "flash")))
     return order
 
 
