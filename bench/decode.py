@@ -107,7 +107,8 @@ def profile_step(model, prompt: torch.Tensor, cache_len: int, variant: str, step
         parts[part] += us
         kernels[e.name] = kernels.get(e.name, 0.0) + us
     top = sorted(kernels, key=kernels.get, reverse=True)[:6]
-    return {**{f"{k} us": v / steps for k, v in parts.items()}, "top_kernels": {n[:70]: kernels[n] / steps for n in top}}
+    return {**{f"{k} us": v / steps for k, v in parts.items()},
+            "top_kernels": {n[:70]: kernels[n] / steps for n in top}}
 
 
 def bandwidth_limit_ms(model, batch: int, filled: int, bandwidth: float) -> float:

@@ -81,11 +81,9 @@ def main() -> None:
         print(f"  {r['kernel']:8} {r['us']:7.1f} us  {r['vs_kv_read']:5.2f}x the K/V read  rel err {r['rel_err']:.1e}")
     tuned = []
     if args.tune:
-        scale = d ** -0.5
+        scale, sms = d ** -0.5, torch.cuda.get_device_properties(0).multi_processor_count
         for block, warps, stages, per_sm in itertools.product((32, 64, 128), (2, 4, 8), (2, 3), (4, 8, 16)):
-            per_split = max(args.cache * b * hkv // (per_sm * torch.cuda.get_device_properties(0).multi_processor_count),
-                            block)
-            per_split = 1 << (per_split - 1).bit_length()
+            per_split = decode_kernel.split_len(b, hkv, args.cache, sms, block, per_sm)
             call = lambda: decode_kernel.decode(q, k, v, lengths, scale, block=block, warps=warps, stages=stages,
                                                 keys_per_split=per_split)
             try:

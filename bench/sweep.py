@@ -107,7 +107,8 @@ def decode_point(b: int, cache: int, h: int, hkv: int, d: int, bandwidth: float)
         ref = static_cache_core(x.double(), k[:, :, :filled].double(), v[:, :, :filled].double(), cached, h, hkv)
     row = {"batch": b, "cache": cache, "filled": filled, "kv_read_us": kv_read_us(b, hkv, d, filled, bandwidth)}
     with torch.no_grad():
-        for name, compiled in (("inductor", torch.compile(model)), ("attnopt", torch.compile(model, backend="attnopt"))):
+        compiled_steps = {"inductor": torch.compile(model), "attnopt": torch.compile(model, backend="attnopt")}
+        for name, compiled in compiled_steps.items():
             try:
                 out = compiled(x, cached)
                 row[f"{name}_us"] = 1e3 * graph_replay_ms(lambda: compiled(x, cached))["median_ms"]
@@ -123,8 +124,8 @@ def decode_point(b: int, cache: int, h: int, hkv: int, d: int, bandwidth: float)
 
 def decode_sweep(args, env: dict) -> None:
     bandwidth = copy_bandwidth()
-    print(f"decode, {args.decode_heads} heads, D={args.decode_head_dim}, cache half filled; µs per step (CUDA graph replay); "
-          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"decode, {args.decode_heads} heads, D={args.decode_head_dim}, cache half filled; µs per step "
+          f"(CUDA graph replay); copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"{'B':>3} {'cache':>6} {'K/V read':>9} {'inductor':>9} {'attnopt':>9} {'op decode':>9} {'op flash':>9}  "
           f"attnopt/inductor  op decode/K/V read")
     h, hkv = map(int, args.decode_heads.split("/"))

@@ -19,9 +19,9 @@ long as the crossover measured for its head dim; SDPA everywhere else it can com
 (with cuDNN under both, the op only adds its launch path). On the CPU the op runs the kernel SDPA
 runs (``bench/host_cost.py``: 1.8x Inductor's host time at tiny shapes, SDPA on views 0.96x), so
 SDPA on views wherever it computes the site, except for a written softmax (``empty_rows`` other
-than "zero"), whose NaNs for a NaN input or a row with no key only the op reproduces. A sequence length known only at run
-time gets SDPA, which is never slower than Inductor at either end of the sweep. Sites SDPA has no
-spelling for (windows, packed sequences, key lengths, softcapping, sinks, finite fills, NaN rows,
+than "zero"), whose NaNs for a NaN input or a row with no key only the op reproduces. A
+sequence length known only at run time gets SDPA, which is never slower than Inductor at either
+end of the sweep. Sites SDPA has no spelling for (windows, packed sequences, key lengths, softcapping, sinks, finite fills, NaN rows,
 masks the op turns into flags or key lengths) always get the op.
 """
 from __future__ import annotations

@@ -208,8 +208,8 @@ def optimize_graph(gm: GraphModule, *, kernel: str = "auto", strict: bool = Fals
     strided views with ``enable_gqa`` (ATen ops only, for programs that must load without attnopt).
     ``constants`` are the values of placeholders that stand for constant tensors (an exported
     program's lifted constants), by name. KV-cache writes spelled ``index_copy(_)`` become
-    ``index_put(_)``, which Inductor keeps in place (``cache_writes``). On an error the original ``gm`` is returned with a
-    warning (an exception when strict). ``report`` False leaves out what only a report reads:
+    ``index_put(_)``, which Inductor keeps in place (``cache_writes``). On an error the original
+    ``gm`` is returned with a warning (an exception when strict). ``report`` False leaves out what only a report reads:
     each site's expected kernel and the copies its rewrite removed.
     """
     check_target(target, kernel)

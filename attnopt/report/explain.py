@@ -275,7 +275,8 @@ class ExplainReport:
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         graphs = [{"graph": i, "error": rec.result.error, "masks_removed": rec.result.masks_removed,
-                   "cache_writes": rec.result.cache_writes, "training": rec.training} for i, rec in enumerate(self.records)]
+                   "cache_writes": rec.result.cache_writes, "training": rec.training}
+                  for i, rec in enumerate(self.records)]
         return json.dumps({"graphs": graphs, "attnopt_calls_before": self.attnopt_calls_before,
                            "sites": [r.to_dict() for r in self.rows]}, indent=indent, default=str)
 

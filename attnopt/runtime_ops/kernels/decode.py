@@ -105,10 +105,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def split_len(batch: int, heads_kv: int, cache_len: int, sms: int, block: int = BLOCK_N) -> int:
+def split_len(batch: int, heads_kv: int, cache_len: int, sms: int, block: int = BLOCK_N,
+              ctas_per_sm: int = CTAS_PER_SM) -> int:
     """Keys per split: a power of two, at least one block, such that a full cache gives about
-    ``CTAS_PER_SM`` programs per SM (a half-filled one half as many) and at most ``_MAX_SPLITS``."""
-    want = max(cache_len * batch * heads_kv // (CTAS_PER_SM * sms), block, -(-cache_len // _MAX_SPLITS))
+    ``ctas_per_sm`` programs per SM (a half-filled one half as many) and at most ``_MAX_SPLITS``."""
+    want = max(cache_len * batch * heads_kv // (ctas_per_sm * sms), block, -(-cache_len // _MAX_SPLITS))
     return 1 << (want - 1).bit_length()
 
 
