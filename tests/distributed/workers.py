@@ -51,8 +51,8 @@ def train_llama(meshes: list[tuple[int, int]], inner: str, dtype: torch.dtype = 
         fully_shard(model, mesh=mesh["dp"])
         graphs: list[dict[str, Any]] = []
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend=attnopt.backend(
-            inner, strict=True, on_result=lambda *g: graphs.append(_graph_summary(*g))))
+        compiled = torch.compile(model, backend=attnopt.backend(  # the op at every site: it is what runs sharded
+            inner, strict=True, target="op", on_result=lambda *g: graphs.append(_graph_summary(*g))))
         rows = llama.BATCH // dp
         start = mesh["dp"].get_local_rank() * rows
         data = llama.batches()[:, start:start + rows].to(device)
@@ -123,7 +123,7 @@ def cp_attention(seq: int, configs: list[tuple[bool, bool]], dtype: torch.dtype 
         x, grad = _context_parallel_shard(mesh, [x, grad], [1, 1], load_balancer=balancer)
         x.requires_grad_()
         torch._dynamo.reset()
-        run = torch.compile(layer, backend=attnopt.backend("aot_eager", strict=True)) if compiled else layer
+        run = torch.compile(layer, backend=attnopt.backend("aot_eager", strict=True, target="op")) if compiled else layer
         _enable_context_parallel_dispatcher()
         try:
             with attnopt.runtime_ops.trace_kernels() as calls:
