@@ -124,7 +124,9 @@ def trace_operands(node: Node, query: Node, key: Node, value: Node, writes: Writ
     """(q, k, v, output use) of the attention computed by ``node`` from operands it reads as
     ``dims`` ("bhsd", "bshd" or "thd"; ``node``'s value is the output in the same layout)."""
     q, k, v, out = _trace_all(node, query, key, value, dims)
-    saved = any(isinstance(meta(t), torch.Tensor) and meta(t).requires_grad for t in (query, key, value))
+    # the op keeps its inputs for backward when anything it reads requires grad (a learned bias too)
+    read = (*node.all_input_nodes, query, key, value)
+    saved = any(isinstance(meta(t), torch.Tensor) and meta(t).requires_grad for t in read)
     if _operand_unsafe(q, writes, node, saved):
         q = _as_called(query, dims)
     if _operand_unsafe(k, writes, node, saved) or _operand_unsafe(v, writes, node, saved) \

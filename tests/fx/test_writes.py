@@ -205,3 +205,33 @@ def test_a_write_after_attention_blocks_in_place_reads_only_when_backward_keeps_
         torch.testing.assert_close(torch.autograd.grad(got.sum(), q), torch.autograd.grad(want.sum(), q))
     (site,) = capture.result.sites
     assert site.status == "lowered" and site.gqa_group == (1 if write_before or grad else 2)
+
+
+@pytest.mark.parametrize("spelling", ["sdpa", "hand_written"])
+def test_a_learned_bias_keeps_the_copy_of_frozen_keys_written_later(spelling):
+    """Frozen q, k, v but a bias that requires grad: the op still keeps k for the bias's gradient,
+    so a write after the call counts."""
+    torch.manual_seed(0)
+    cache_k, cache_v = (torch.randn(B, 2, S, D, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(B, 4, 1, D, dtype=torch.float64)
+    bias = torch.randn(1, 4, 1, S, dtype=torch.float64, requires_grad=True)
+
+    def step(cache_k, cache_v, q, bias):
+        k = cache_k[:, :, None].expand(B, 2, 2, S, D).reshape(B, 4, S, D)
+        v = cache_v[:, :, None].expand(B, 2, 2, S, D).reshape(B, 4, S, D)
+        if spelling == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            out = ((q @ k.transpose(-1, -2)) * D ** -0.5 + bias).softmax(-1) @ v
+        cache_k.mul_(2)
+        return out
+
+    capture = Capture("aot_eager")
+    torch._dynamo.reset()
+    got_k, want_k = cache_k.clone(), cache_k.clone()
+    got = torch.compile(step, backend=capture.backend)(got_k, cache_v, q, bias)
+    want = step(want_k, cache_v, q, bias)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), bias), torch.autograd.grad(want.sum(), bias))
+    (site,) = capture.result.sites
+    assert site.status == "lowered" and site.gqa_group == 1
