@@ -28,6 +28,7 @@ from torch.export import ExportedProgram
 from . import __version__
 from .export import optimize
 from .passes.pipeline import TARGETS
+from .report.accounting import is_attnopt_call
 from .report.dump import graphviz_note
 from .report.explain import ExplainReport, GraphRecord, explain
 
@@ -176,9 +177,8 @@ def optimize_file(args: argparse.Namespace) -> int:
             torch.export.save(new_ep, args.output)
     except Exception as e:  # noqa: BLE001 - report any failure to write in one line
         raise CliError(f"{args.output}: cannot save ({type(e).__name__}: {_first_line(e)})") from e
-    uses_op = any(n.target in (torch.ops.attnopt.attention.default, torch.ops.attnopt.attention_backward.default)
-                  for n in new_ep.graph.nodes)
-    needs = "loading it needs `import attnopt`" if uses_op else "loads with plain torch"
+    needs = "loading it needs `import attnopt`" if any(map(is_attnopt_call, new_ep.graph.nodes)) \
+        else "loads with plain torch"
     print(f"\nsaved {args.output} ({needs})")
     return 0
 

@@ -24,12 +24,13 @@ from ..fx.normalize import meta
 aten = torch.ops.aten
 _INPLACE = {aten.index_copy_.default, torch.Tensor.index_copy_, "index_copy_"}
 _FUNCTIONAL = {aten.index_copy.default, torch.index_copy, torch.Tensor.index_copy, "index_copy"}
+_TARGETS = _INPLACE | _FUNCTIONAL
 _NAMES = ("self", "dim", "index", "source")
 
 
 def _bound(node: Node) -> Optional[tuple[bool, dict[str, Any]]]:
     """(in place, the arguments by name) of an index_copy call, else None."""
-    if node.op not in ("call_method", "call_function") or node.target not in _INPLACE | _FUNCTIONAL:
+    if node.op not in ("call_method", "call_function") or node.target not in _TARGETS:
         return None
     args = dict(zip(_NAMES, node.args))
     args.update({("self" if k == "input" else k): v for k, v in node.kwargs.items()})

@@ -21,8 +21,9 @@ runs (``bench/host_cost.py``: 1.8x Inductor's host time at tiny shapes, SDPA on 
 SDPA on views wherever it computes the site, except for a written softmax (``empty_rows`` other
 than "zero"), whose NaNs for a NaN input or a row with no key only the op reproduces. A
 sequence length known only at run time gets SDPA, which is never slower than Inductor at either
-end of the sweep. Sites SDPA has no spelling for (windows, packed sequences, key lengths, softcapping, sinks, finite fills, NaN rows,
-masks the op turns into flags or key lengths) always get the op.
+end of the sweep. Sites SDPA has no spelling for (windows, packed sequences, key lengths,
+softcapping, sinks, finite fills, NaN rows, masks the op turns into flags or key lengths) always
+get the op.
 """
 from __future__ import annotations
 
